@@ -52,7 +52,7 @@ def make(env_id: str, num_envs: int = 1, seed: int = 0, device="cpu", **kwargs) 
     try:
         return ctor(*args, num_envs=num_envs, seed=seed, device=device, **kwargs)
     except TypeError as e:
-        if "unexpected keyword argument" in str(e):
+        if "unexpected keyword argument" in str(e) or "multiple values" in str(e):
             raise ValueError(f"bad option for env {env_id!r}: {e}") from None
         raise
 

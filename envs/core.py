@@ -72,8 +72,8 @@ class BatchedEnv:
 
     ``step`` returns ``obs, state, avail, reward, terminated, truncated, info``. Finished envs
     are reset inside ``step``; the returned obs/state/avail already begin the next episode and
-    ``info["final_obs"]`` / ``info["final_state"]`` hold the last observation of every env
-    before any reset (for envs that did not finish they equal the returned obs/state), so a
+    ``info["final_obs"]`` / ``info["final_state"]`` / ``info["final_avail"]`` hold the last
+    observation of every env before any reset (for envs that did not finish they equal the returned obs/state), so a
     learner can always bootstrap from them. ``info["success"]``, ``info["episode_return"]`` and
     ``info["episode_length"]`` are ``[E]`` tensors, meaningful where ``terminated | truncated``.
     """
@@ -105,7 +105,11 @@ class BatchedEnv:
         raise NotImplementedError
 
     def _step(self, actions: torch.Tensor):
-        """Advance all envs; return ``reward [E], terminated [E], success [E], extra_info dict``."""
+        """Advance all envs; return ``reward [E], terminated [E], success [E], extra_info dict``.
+
+        ``extra_info`` may hold a ``"truncated"`` [E] bool for episodes cut short for reasons other
+        than the time limit (e.g. a crashed game); it is folded into ``truncated``.
+        """
         raise NotImplementedError
 
     def _observe(self):
@@ -135,9 +139,10 @@ class BatchedEnv:
         reward, terminated, success, extra = self._step(actions)
         self.t += 1
         self._return += reward
-        truncated = (self.t >= self.episode_limit) & ~terminated
+        truncated = ((self.t >= self.episode_limit) | extra.pop("truncated", False)) & ~terminated
         obs, state, avail = self._observe()
-        info = {"final_obs": obs, "final_state": state, "success": success & (terminated | truncated),
+        info = {"final_obs": obs, "final_state": state, "final_avail": avail,
+                "success": success & (terminated | truncated),
                 "episode_return": self._return.clone(), "episode_length": self.t.clone(), **extra}
         done = terminated | truncated
         if bool(done.any()):
