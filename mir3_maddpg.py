@@ -1,0 +1,585 @@
+# MIR3 on a MADDPG backbone, continuous and discrete actions.
+# Li et al., "Robust Multi-Agent Reinforcement Learning by Mutual Information Regularization",
+# IEEE TNNLS 2025. Train with no adversary, but shape the team reward to r - λ·Î(s; a), where Î is a
+# CLUB upper bound of the mutual information between the global state and the joint action.
+# With --mi-coef 0 this is plain MADDPG (shared actor with agent ids, centralised critic).
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+
+# λ per env from the sweep documented in README ("MIR3 λ sweep"); other envs use the fallback
+DEFAULT_MI_COEF = {"rendezvous": 0.01}
+FALLBACK_MI_COEF = 0.01
+MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    save_model: bool = True
+    """whether to save the checkpoint to `runs/{run_name}/{exp_name}.pt`"""
+    save_interval: int = 0
+    """also save every this many env steps (0: only at the end and on Ctrl-C)"""
+
+    # Environment
+    env_id: str = "rendezvous"
+    """the id of the environment (see `envs.registered_ids()`)"""
+    n_agents: Optional[int] = None
+    """number of agents of our own tasks (None: the env default)"""
+    episode_limit: Optional[int] = None
+    """episode length of our own tasks (None: the env default)"""
+    num_envs: int = 16
+    """number of parallel environments"""
+
+    # Algorithm
+    total_timesteps: int = 1_000_000
+    """total env steps (one step of one env, all agents)"""
+    buffer_size: int = 200_000
+    """replay capacity in env steps, stored as whole episodes"""
+    batch_size: int = 8
+    """episodes per gradient step"""
+    train_frequency: Optional[int] = None
+    """env steps between gradient steps (None: one episode_limit, i.e. the authors' one update per episode)"""
+    learning_starts: int = 10_000
+    """env steps before learning starts"""
+    gamma: float = 0.99
+    """the discount factor"""
+    tau: float = 0.01
+    """soft target update rate"""
+    actor_lr: float = 1e-3
+    """learning rate of the actor"""
+    critic_lr: float = 1e-3
+    """learning rate of the critic"""
+    hidden_dim: int = 128
+    """hidden width of actor and critic"""
+    rnn: bool = False
+    """use a GRU actor unrolled over whole episodes instead of the MLP"""
+    exploration_noise: float = 0.1
+    """std of the Gaussian exploration noise (continuous actions)"""
+    max_grad_norm: float = 10.0
+    """global gradient-norm clip"""
+
+    # MIR3
+    mi_coef: Optional[float] = None
+    """λ, weight of the MI penalty in the TD target (0: plain MADDPG; None: the per-env default)"""
+    mi_estimator: str = "club"
+    """MI upper bound: club, club-sample, l1out or vub"""
+    club_lr: float = 5e-4
+    """learning rate of the variational q(a|s)"""
+    club_hidden_dim: int = 128
+    """hidden width of q(a|s)"""
+    club_batch_size: int = 512
+    """(state, joint action) pairs per q(a|s) step"""
+    club_window: int = 4096
+    """q(a|s) trains on the most recent this many env steps"""
+
+    # Evaluation
+    eval_interval: int = 50_000
+    """env steps between greedy evaluations (0: never)"""
+    eval_episodes: int = 32
+    """episodes per evaluation (run in parallel)"""
+
+
+def one_hot_ids(n_agents: int, device) -> torch.Tensor:
+    return torch.eye(n_agents, device=device)
+
+
+def with_ids(obs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Append the one-hot agent id to observations [..., N, D]."""
+    return torch.cat((obs, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
+
+
+class Actor(nn.Module):
+    """Shared actor: MLP (obs+id -> H -> H -> out) or GRU (obs+id -> H -> GRUCell -> out)."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, rnn: bool):
+        super().__init__()
+        self.hidden_dim, self.is_rnn = hidden_dim, rnn
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.core = nn.GRUCell(hidden_dim, hidden_dim) if rnn else nn.Linear(hidden_dim, hidden_dim)
+        self.out = nn.Linear(hidden_dim, out_dim)
+
+    def init_hidden(self, num_envs: int, n_agents: int, device):
+        return torch.zeros(num_envs, n_agents, self.hidden_dim, device=device) if self.is_rnn else None
+
+    def forward(self, x, h=None):
+        z = F.relu(self.fc1(x))
+        if self.is_rnn:
+            h = self.core(z.reshape(-1, self.hidden_dim), h.reshape(-1, self.hidden_dim)).view(h.shape)
+            return self.out(h), h
+        return self.out(F.relu(self.core(z))), None
+
+    def unroll(self, x):
+        """Outputs over whole episodes x [B, T, N, in] from a zero hidden state."""
+        if not self.is_rnn:
+            return self(x)[0]
+        h = self.init_hidden(x.shape[0], x.shape[2], x.device)
+        outs = []
+        for t in range(x.shape[1]):
+            o, h = self(x[:, t], h)
+            outs.append(o)
+        return torch.stack(outs, 1)
+
+
+class Critic(nn.Module):
+    """Centralised team Q(state, joint action)."""
+
+    def __init__(self, state_dim: int, n_agents: int, n_actions: int, hidden_dim: int):
+        super().__init__()
+        self.state_dim, self.n_agents, self.n_actions = state_dim, n_agents, n_actions
+        self.fc1 = nn.Linear(state_dim + n_agents * n_actions, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, hidden_dim)
+        self.out = nn.Linear(hidden_dim, 1)
+
+    def _head(self, h):
+        return self.out(F.relu(self.fc2(F.relu(h)))).squeeze(-1)
+
+    def forward(self, state, actions):
+        """Q for state [..., S] and actions [..., N, A]."""
+        return self._head(self.fc1(torch.cat((state, actions.flatten(-2)), -1)))
+
+    def each_agent_replaced(self, state, actions, replacement):
+        """[M, N]: Q(s, a) with only agent i's action replaced by replacement_i, for every i.
+
+        Only agent i's slot of the first layer's input changes, so that layer is computed once
+        and corrected per agent: exact, and much cheaper than N full critic passes.
+        """
+        base = self.fc1(torch.cat((state, actions.flatten(-2)), -1))
+        w_actions = self.fc1.weight[:, self.state_dim:].view(-1, self.n_agents, self.n_actions)
+        return self._head(base[:, None] + torch.einsum("mna,hna->mnh", replacement - actions, w_actions))
+
+
+class CLUB(nn.Module):
+    """Variational q(a | s) over the joint action and the MI upper bounds built on it.
+
+    Discrete: q factorises over agents, log q(a|s) = Σ_i log softmax(f(s))[i, a_i], with one-hot
+    actions a [B, N, A]. Continuous: a diagonal Gaussian over the N·d joint action, a [B, N, d].
+    ``mi(s, a, estimator)`` returns a pointwise estimate [B] whose negatives come from the batch:
+      club        log q(a_b|s_b) - 1/B Σ_b' log q(a_b'|s_b)       (closed form, O(B))
+      club-sample log q(a_b|s_b) - log q(a_π(b)|s_b)              (one shuffled negative)
+      l1out       log q(a_b|s_b) - log 1/K Σ_{k≠b} q(a_b|s_k)      (K ≤ 512 random rows)
+      vub         log q(a_b|s_b) - log r(a_b)                      (learned marginal r)
+    """
+
+    def __init__(self, state_dim: int, n_agents: int, n_actions: int, discrete: bool, hidden_dim: int):
+        super().__init__()
+        self.n_agents, self.n_actions, self.discrete = n_agents, n_actions, discrete
+        width = n_agents * n_actions * (1 if discrete else 2)
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, width))
+        self.marginal = nn.Parameter(torch.zeros(width))  # r(a) of the VUB bound
+
+    def _params(self, s):
+        out = self.net(s)
+        if self.discrete:
+            return F.log_softmax(out.view(-1, self.n_agents, self.n_actions), -1), None
+        mu, logvar = out.chunk(2, -1)
+        return mu, logvar.clamp(-10.0, 4.0)  # wide enough for near-deterministic policies
+
+    def _log_density(self, params, a):
+        if self.discrete:
+            return (params[0] * a).sum((-1, -2))
+        mu, logvar = params
+        a = a.flatten(-2)
+        return -0.5 * (((a - mu) ** 2) * torch.exp(-logvar) + logvar + np.log(2 * np.pi)).sum(-1)
+
+    def log_q(self, s, a):
+        return self._log_density(self._params(s), a)
+
+    def log_marginal(self, a):
+        if self.discrete:
+            return self._log_density((F.log_softmax(self.marginal.view(self.n_agents, self.n_actions), -1), None), a)
+        mu, logvar = self.marginal.chunk(2, -1)
+        return self._log_density((mu, logvar.clamp(-10.0, 4.0)), a)
+
+    def learning_loss(self, s, a):
+        """Negative log-likelihood of q(a|s) (and of the marginal r(a), used only by vub)."""
+        return -(self.log_q(s, a) + self.log_marginal(a)).mean()
+
+    def mi(self, s, a, estimator: str = "club"):
+        params = self._params(s)
+        positive = self._log_density(params, a)
+        if estimator == "club":
+            if self.discrete:  # mean over b' of one-hots, then one dot product per row
+                negative = (params[0] * a.mean(0)).sum((-1, -2))
+            else:
+                mu, logvar = params
+                af = a.flatten(-2)
+                second = (mu - af.mean(0)) ** 2 + af.var(0, unbiased=False)
+                negative = -0.5 * (second * torch.exp(-logvar) + logvar + np.log(2 * np.pi)).sum(-1)
+        elif estimator == "club-sample":
+            negative = self._log_density(params, a[torch.randperm(a.shape[0], device=a.device)])
+        elif estimator == "l1out":
+            k = torch.randperm(a.shape[0], device=a.device)[:512]
+            if self.discrete:
+                mat = torch.einsum("kia,bia->bk", params[0][k], a)
+            else:
+                mu, logvar = params[0][k], params[1][k]
+                inv = torch.exp(-logvar)
+                af = a.flatten(-2)
+                quad = (af**2) @ inv.T - 2 * af @ (mu * inv).T + (mu**2 * inv).sum(-1)
+                mat = -0.5 * (quad + (logvar + np.log(2 * np.pi)).sum(-1))
+            own = k[None, :] == torch.arange(a.shape[0], device=a.device)[:, None]
+            mat = mat.masked_fill(own, -float("inf"))
+            negative = torch.logsumexp(mat, 1) - torch.log((~own).sum(1).clamp(min=1).float())
+        elif estimator == "vub":
+            negative = self.log_marginal(a)
+        else:
+            raise ValueError(f"unknown MI estimator {estimator!r}; choose from {MI_ESTIMATORS}")
+        return positive - negative
+
+
+class EpisodeBuffer:
+    """Replay of whole episodes, written step by step by ``num_envs`` parallel envs.
+
+    Every env writes into its own slot of a ring of ``capacity`` preallocated episodes of
+    ``episode_limit + 1`` steps; a slot becomes sampleable when its episode ends, and the env
+    moves on to the next slot of the ring. Step t holds obs/state/avail before action t and
+    index length holds the last observation (what a truncated episode bootstraps from).
+    """
+
+    def __init__(self, capacity, episode_limit, num_envs, n_agents, obs_dim, state_dim, action_dim, n_avail, device):
+        if capacity < 2 * num_envs:
+            raise ValueError(f"replay buffer of {capacity} episodes is too small for {num_envs} envs")
+        C, T, N = capacity, episode_limit, n_agents
+        self.capacity, self.device = C, device
+        self.obs = torch.zeros(C, T + 1, N, obs_dim, device=device)
+        self.state = torch.zeros(C, T + 1, state_dim, device=device)
+        self.avail = torch.ones(C, T + 1, N, n_avail, dtype=torch.bool, device=device) if n_avail else None
+        self.actions = torch.zeros(C, T, N, action_dim, device=device)
+        self.reward = torch.zeros(C, T, device=device)
+        self.terminated = torch.zeros(C, T, device=device)
+        self.length = torch.zeros(C, dtype=torch.int64, device=device)  # 0 while being written
+        self.slot = torch.arange(num_envs, device=device)
+        self.t = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        self.next_slot = num_envs
+
+    def add(self, obs, state, avail, action, reward, terminated, done, next_obs, next_state, next_avail):
+        s, t = self.slot, self.t
+        self.obs[s, t], self.obs[s, t + 1] = obs, next_obs
+        self.state[s, t], self.state[s, t + 1] = state, next_state
+        if self.avail is not None:
+            self.avail[s, t], self.avail[s, t + 1] = avail, next_avail
+        self.actions[s, t], self.reward[s, t], self.terminated[s, t] = action, reward, terminated.float()
+        self.t += 1
+        if bool(done.any()):
+            self.length[s[done]] = self.t[done]
+            new = (self.next_slot + torch.arange(int(done.sum()), device=self.device)) % self.capacity
+            if bool(torch.isin(new, s[~done]).any()):
+                raise RuntimeError("replay buffer too small: raise --buffer-size or lower --num-envs")
+            self.length[new] = 0
+            self.slot[done], self.t[done] = new, 0
+            self.next_slot += len(new)
+
+    def num_episodes(self) -> int:
+        return int((self.length > 0).sum())
+
+    def sample(self, batch_size: int):
+        """``batch_size`` random complete episodes, cut to the longest: tensors [B, L(+1), ...]."""
+        valid = (self.length > 0).nonzero(as_tuple=True)[0]
+        idx = valid[torch.randint(len(valid), (batch_size,), device=self.device)]
+        length = self.length[idx]
+        L = int(length.max())
+        return {
+            "obs": self.obs[idx, : L + 1], "state": self.state[idx, : L + 1],
+            "avail": None if self.avail is None else self.avail[idx, : L + 1],
+            "actions": self.actions[idx, :L], "reward": self.reward[idx, :L],
+            "terminated": self.terminated[idx, :L],
+            "mask": (torch.arange(L, device=self.device)[None, :] < length[:, None]).float(),
+        }
+
+
+class Policy:
+    """Frozen greedy policy (what ``load_policy`` returns): argmax of masked logits or tanh mean."""
+
+    def __init__(self, actor: Actor, n_agents: int, discrete: bool, low=None, high=None):
+        self.actor, self.n_agents, self.discrete = actor, n_agents, discrete
+        self.device = next(actor.parameters()).device
+        self.ids = one_hot_ids(n_agents, self.device)
+        if not discrete:
+            low, high = torch.as_tensor(low, device=self.device), torch.as_tensor(high, device=self.device)
+            self.scale, self.bias = (high - low) / 2, (high + low) / 2
+
+    def init_hidden(self, num_envs: int):
+        """None for the MLP actor, else zeros [E, N, H]; zero the rows of envs that finish."""
+        return self.actor.init_hidden(num_envs, self.n_agents, self.device)
+
+    @torch.no_grad()
+    def act(self, obs, avail, hidden):
+        out, hidden = self.actor(with_ids(obs, self.ids), hidden)
+        if self.discrete:
+            return out.masked_fill(~avail, -float("inf")).argmax(-1), hidden
+        return torch.tanh(out) * self.scale + self.bias, hidden
+
+
+def action_space_dict(space) -> dict:
+    if space.__class__.__name__ == "Discrete":
+        return {"type": "discrete", "n": int(space.n)}
+    return {"type": "box", "shape": list(space.shape), "low": space.low.tolist(), "high": space.high.tolist()}
+
+
+def load_policy(checkpoint: dict, device="cpu") -> Policy:
+    """Rebuild the frozen greedy policy of a ``mir3_maddpg`` checkpoint (a dict from torch.load)."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != "mir3_maddpg":
+        found = checkpoint.get("script") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"not a mir3_maddpg checkpoint (script: {found!r})")
+    try:
+        args, space, n_agents = checkpoint["args"], checkpoint["action_space"], checkpoint["n_agents"]
+        discrete = space["type"] == "discrete"
+        n_out = space["n"] if discrete else space["shape"][0]
+        actor = Actor(checkpoint["obs_dim"] + n_agents, n_out, args["hidden_dim"], args["rnn"]).to(device)
+        actor.load_state_dict(checkpoint["models"]["actor"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"unusable mir3_maddpg checkpoint: {type(e).__name__}: {e}") from None
+    return Policy(actor.eval().requires_grad_(False), n_agents, discrete, space.get("low"), space.get("high"))
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, env) -> tuple:
+    """Run one greedy episode in each of ``env.num_envs`` envs; returns (returns, successes) [E]."""
+    obs, _, avail = env.reset()
+    hidden = policy.init_hidden(env.num_envs)
+    returns = torch.zeros(env.num_envs, device=env.device)
+    success = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    running = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)
+    while bool(running.any()):
+        actions, hidden = policy.act(obs, avail, hidden)
+        obs, _, avail, reward, terminated, truncated, info = env.step(actions)
+        returns += reward * running
+        done = (terminated | truncated) & running
+        success |= info["success"] & done
+        running &= ~done
+    return returns, success
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.mi_coef is None:
+        args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF)
+    if args.mi_coef < 0:
+        fail(f"--mi-coef must be >= 0, got {args.mi_coef}")
+    if args.mi_estimator not in MI_ESTIMATORS:
+        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
+    try:
+        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
+                             device=device, **env_kwargs)
+    except (ValueError, ImportError) as e:
+        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    N, T, discrete = env.n_agents, env.episode_limit, env.is_discrete
+    A = env.n_actions  # number of discrete actions, or action dim
+    train_frequency = args.train_frequency or T
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # ALGO LOGIC: initialize agent here
+    ids = one_hot_ids(N, device)
+    actor = Actor(env.obs_dim + N, A, args.hidden_dim, args.rnn).to(device)
+    critic = Critic(env.state_dim, N, A, args.hidden_dim).to(device)
+    actor_target = Actor(env.obs_dim + N, A, args.hidden_dim, args.rnn).to(device)
+    critic_target = Critic(env.state_dim, N, A, args.hidden_dim).to(device)
+    actor_target.load_state_dict(actor.state_dict())
+    critic_target.load_state_dict(critic.state_dict())
+    club = CLUB(env.state_dim, N, A, discrete, args.club_hidden_dim).to(device)
+    actor_opt = optim.Adam(actor.parameters(), lr=args.actor_lr)
+    critic_opt = optim.Adam(critic.parameters(), lr=args.critic_lr)
+    club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
+    if not discrete:
+        low = torch.as_tensor(env.action_space.low, device=device)
+        high = torch.as_tensor(env.action_space.high, device=device)
+        act_scale, act_bias = (high - low) / 2, (high + low) / 2
+
+    rb = EpisodeBuffer(max(args.buffer_size // T, 2 * args.num_envs), T, args.num_envs, N, env.obs_dim,
+                       env.state_dim, A, A if discrete else 0, device)
+    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s)
+    club_states = torch.zeros(args.club_window, env.state_dim, device=device)
+    club_actions = torch.zeros(args.club_window, N, A, device=device)
+    club_ptr, club_count = 0, 0
+
+    space = action_space_dict(env.action_space)
+    greedy = Policy(actor, N, discrete, space.get("low"), space.get("high"))
+
+    def checkpoint() -> dict:
+        return {"script": "mir3_maddpg", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
+                "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
+                "action_space": space, "global_step": global_step,
+                "models": {"actor": actor.state_dict(), "critic": critic.state_dict(), "club": club.state_dict()}}
+
+    def save() -> str:
+        path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save(checkpoint(), path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        return path
+
+    def policy_actions(out, avail, explore: bool):
+        """Env actions and critic-ready actions from actor outputs [.., N, A]."""
+        if discrete:
+            logits = out.masked_fill(~avail, -float("inf"))
+            a = torch.distributions.Categorical(logits=logits).sample() if explore else logits.argmax(-1)
+            return a, F.one_hot(a, A).float()
+        a = torch.tanh(out)
+        if explore:
+            a = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
+        return a * act_scale + act_bias, a
+
+    def update(batch) -> dict:
+        mask, state = batch["mask"], batch["state"]
+        valid = mask.bool()
+        n_valid = mask.sum()
+        obs_in = with_ids(batch["obs"], ids)
+        a_buf = batch["actions"]
+        with torch.no_grad():
+            next_out = actor_target.unroll(obs_in)[:, 1:]
+            if discrete:
+                next_a = F.one_hot(next_out.masked_fill(~batch["avail"][:, 1:], -float("inf")).argmax(-1), A).float()
+            else:
+                next_a = torch.tanh(next_out)
+            q_next = critic_target(state[:, 1:], next_a)
+            mi = torch.zeros_like(mask)
+            if args.mi_coef > 0:
+                mi[valid] = club.mi(state[:, :-1][valid], a_buf[valid], args.mi_estimator)
+            target = batch["reward"] - args.mi_coef * mi + args.gamma * (1 - batch["terminated"]) * q_next
+        q = critic(state[:, :-1], a_buf)
+        critic_loss = (((q - target) ** 2) * mask).sum() / n_valid
+        critic_opt.zero_grad()
+        critic_loss.backward()
+        nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+        critic_opt.step()
+
+        # actor: for each agent i, the buffer joint action with agent i's slot set to π_i (MADDPG)
+        out = actor.unroll(obs_in)[:, :-1][valid]  # [M, N, A]
+        if discrete:
+            pi = F.gumbel_softmax(out.masked_fill(~batch["avail"][:, :-1][valid], -1e10), hard=True)
+        else:
+            pi = torch.tanh(out)
+        actor_loss = -critic.each_agent_replaced(state[:, :-1][valid], a_buf[valid], pi).mean()
+        actor_opt.zero_grad()
+        actor_loss.backward()
+        nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+        actor_opt.step()
+
+        with torch.no_grad():
+            for net, tgt in ((actor, actor_target), (critic, critic_target)):
+                for p, tp in zip(net.parameters(), tgt.parameters()):
+                    tp.lerp_(p, args.tau)
+        return {"losses/critic_loss": critic_loss.item(), "losses/actor_loss": actor_loss.item(),
+                "losses/q_values": (q * mask).sum().item() / n_valid.item(), "mi/upper_bound": mi[valid].mean().item()}
+
+    def club_step() -> float:
+        idx = torch.randint(min(club_count, args.club_window), (args.club_batch_size,), device=device)
+        loss = club.learning_loss(club_states[idx], club_actions[idx])
+        club_opt.zero_grad()
+        loss.backward()
+        club_opt.step()
+        return loss.item()
+
+    # TRY NOT TO MODIFY: start the game
+    print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
+          f"{'Discrete' if discrete else 'Box'}({A}), λ = {args.mi_coef}, device {device}")
+    global_step, updates, last_save, last_eval, last_print = 0, 0, 0, 0, 0.0
+    recent_returns, recent_success = [], []
+    obs, state, avail = env.reset()
+    hidden = actor.init_hidden(args.num_envs, N, device)
+    start_time = time.time()
+    try:
+        while global_step < args.total_timesteps:
+            with torch.no_grad():
+                out, hidden = actor(with_ids(obs, ids), hidden)
+                if global_step < args.learning_starts:
+                    out = torch.randn_like(out) * (3.0 if discrete else 1.0)  # random warm-up
+                env_actions, critic_actions = policy_actions(out, avail, explore=True)
+            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(env_actions)
+            done = terminated | truncated
+            rb.add(obs, state, avail, critic_actions, reward, terminated, done,
+                   info["final_obs"], info["final_state"], info["final_avail"])
+            rows = (club_ptr + torch.arange(args.num_envs, device=device)) % args.club_window
+            club_states[rows], club_actions[rows] = state, critic_actions
+            club_ptr, club_count = (club_ptr + args.num_envs) % args.club_window, club_count + args.num_envs
+            obs, state, avail = next_obs, next_state, next_avail
+            global_step += args.num_envs
+
+            if bool(done.any()):
+                if hidden is not None:
+                    hidden = hidden * (~done).view(-1, 1, 1)
+                for i in done.nonzero(as_tuple=True)[0].tolist():
+                    recent_returns.append(info["episode_return"][i].item())
+                    recent_success.append(float(info["success"][i]))
+                writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
+                writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
+                writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
+                recent_returns, recent_success = recent_returns[-100:], recent_success[-100:]
+
+            # ALGO LOGIC: training
+            if global_step >= args.learning_starts and rb.num_episodes() >= args.batch_size:
+                while updates < (global_step - args.learning_starts) // train_frequency + 1:
+                    club_loss = club_step() if args.mi_coef > 0 else float("nan")
+                    metrics = update(rb.sample(args.batch_size))
+                    updates += 1
+                if updates % 20 == 0 or global_step >= args.total_timesteps:
+                    for k, v in metrics.items():
+                        writer.add_scalar(k, v, global_step)
+                    writer.add_scalar("losses/club_loss", club_loss, global_step)
+                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+
+            if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
+                last_eval = global_step
+                returns, success = evaluate(greedy, eval_env)
+                writer.add_scalar("eval/episodic_return", returns.mean().item(), global_step)
+                writer.add_scalar("eval/success_rate", success.float().mean().item(), global_step)
+                print(f"global_step={global_step} eval_return={returns.mean().item():.2f} "
+                      f"eval_success={success.float().mean().item():.2f}", flush=True)
+            if time.time() - last_print > 10:
+                last_print = time.time()
+                ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"global_step={global_step} SPS={int(global_step / (time.time() - start_time))} "
+                      f"updates={updates} return={ret:.2f}", flush=True)
+            if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
+                last_save = global_step
+                save()
+    except KeyboardInterrupt:
+        if args.save_model:
+            print(f"interrupted: checkpoint saved to {save()}", flush=True)
+        sys.exit(130)
+
+    if args.save_model:
+        print(f"checkpoint saved to {save()}")
+    env.close()
+    eval_env.close()
+    writer.close()

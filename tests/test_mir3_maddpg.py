@@ -1,0 +1,152 @@
+"""mir3_maddpg.py: smoke runs, checkpoint round trip, determinism, bad input, building blocks."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import envs
+from mir3_maddpg import Critic, EpisodeBuffer, load_policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--total-timesteps", "480", "--learning-starts", "160", "--num-envs", "4", "--batch-size", "2",
+        "--eval-interval", "240", "--eval-episodes", "3", "--hidden-dim", "16", "--club-hidden-dim", "16",
+        "--buffer-size", "2000"]
+
+
+def run_script(cwd, *args, check=True):
+    os.makedirs(cwd, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mir3_maddpg.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def checkpoint_of(cwd, exp_name="mir3_maddpg"):
+    paths = glob.glob(os.path.join(cwd, "runs", "*", f"{exp_name}.pt"))
+    assert len(paths) == 1, paths
+    return torch.load(paths[0], weights_only=True)
+
+
+SMOKE = [
+    ("rendezvous", ["--n-agents", "3", "--episode-limit", "20"]),
+    ("rendezvous", ["--n-agents", "3", "--episode-limit", "20", "--rnn", "--mi-estimator", "l1out"]),
+    ("rendezvous-discrete", ["--n-agents", "3", "--episode-limit", "20", "--mi-estimator", "vub"]),
+    ("quads-same-goal", ["--n-agents", "2", "--episode-limit", "20", "--mi-estimator", "club-sample"]),
+    ("quads-swarm-vs-swarm-discrete", ["--n-agents", "2", "--episode-limit", "20", "--rnn"]),
+    ("lbf:Foraging-5x5-2p-1f-v3", ["--rnn"]),
+]
+
+
+@pytest.mark.parametrize("env_id,extra", SMOKE, ids=[f"{e}{'-rnn' if '--rnn' in x else ''}" for e, x in SMOKE])
+def test_smoke_and_checkpoint_round_trip(tmp_path, env_id, extra):
+    proc = run_script(tmp_path, "--env-id", env_id, *TINY, *extra)
+    assert "eval_return=" in proc.stdout
+    ckpt = checkpoint_of(tmp_path)
+    assert ckpt["script"] == "mir3_maddpg" and ckpt["env_id"] == env_id and ckpt["global_step"] >= 480
+    assert set(ckpt["models"]) >= {"actor", "critic", "club"}
+    assert glob.glob(os.path.join(tmp_path, "runs", "*", "events.out.tfevents.*"))
+    env = envs.make(env_id, num_envs=2, seed=7, **ckpt["env_kwargs"])
+    policy = load_policy(ckpt, "cpu")
+    obs, _, avail = env.reset()
+    hidden = policy.init_hidden(2)
+    for _ in range(3):
+        actions, hidden = policy.act(obs, avail, hidden)
+        again, _ = policy.act(obs, avail, policy.init_hidden(2) if hidden is not None else None)
+        if env.is_discrete:
+            assert actions.dtype == torch.int64 and avail.gather(-1, actions[..., None]).all()
+        else:
+            assert actions.shape == (2, env.n_agents, env.n_actions)
+            assert (actions.abs() <= 1).all()
+        obs, _, avail, *_ = env.step(actions)
+    assert not any(p.requires_grad for p in policy.actor.parameters())
+
+
+def test_plain_maddpg_and_determinism(tmp_path):
+    args = ["--env-id", "rendezvous", "--n-agents", "3", "--episode-limit", "20", *TINY]
+    run_script(tmp_path / "a", *args, "--mi-coef", "0.05", "--seed", "3")
+    run_script(tmp_path / "b", *args, "--mi-coef", "0.05", "--seed", "3")
+    run_script(tmp_path / "c", *args, "--mi-coef", "0.05", "--seed", "4")
+    run_script(tmp_path / "d", *args, "--mi-coef", "0", "--seed", "3")
+    a, b, c, d = (checkpoint_of(tmp_path / x)["models"] for x in "abcd")
+    for k in a["actor"]:
+        assert torch.equal(a["actor"][k], b["actor"][k])
+    assert any(not torch.equal(a["actor"][k], c["actor"][k]) for k in a["actor"])
+    # λ = 0: the penalty is off, so the critic learns something else from the same data
+    assert any(not torch.equal(a["critic"][k], d["critic"][k]) for k in a["critic"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mi-coef", "-0.1"], "--mi-coef must be >= 0"),
+    (["--env-id", "no-such-env"], "unknown env id 'no-such-env'"),
+    (["--mi-estimator", "mine"], "--mi-estimator must be one of"),
+    (["--num-envs", "0"], "--num-envs must be >= 1"),
+])
+def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
+    proc = run_script(tmp_path, *args, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_load_policy_refuses_unusable_checkpoints(tmp_path):
+    run_script(tmp_path, "--env-id", "rendezvous", "--n-agents", "3", "--episode-limit", "20", *TINY)
+    ckpt = checkpoint_of(tmp_path)
+    with pytest.raises(ValueError, match="not a mir3_maddpg checkpoint.*mir3_qmix"):
+        load_policy(dict(ckpt, script="mir3_qmix"))
+    with pytest.raises(ValueError, match="not a mir3_maddpg checkpoint"):
+        load_policy([1, 2, 3])
+    broken = dict(ckpt, models={"actor": {"fc1.weight": torch.zeros(2, 2)}})
+    with pytest.raises(ValueError, match="unusable mir3_maddpg checkpoint"):
+        load_policy(broken)
+    with pytest.raises(ValueError, match="unusable mir3_maddpg checkpoint"):
+        load_policy({k: v for k, v in ckpt.items() if k != "args"})
+
+
+def test_each_agent_replaced_equals_full_critic_passes():
+    torch.manual_seed(0)
+    N, A, S, M = 4, 3, 7, 5
+    critic = Critic(S, N, A, 32)
+    state, a_buf, pi = torch.randn(M, S), torch.randn(M, N, A), torch.randn(M, N, A)
+    fast = critic.each_agent_replaced(state, a_buf, pi)
+    for i in range(N):
+        joint = a_buf.clone()
+        joint[:, i] = pi[:, i]
+        torch.testing.assert_close(fast[:, i], critic(state, joint), atol=1e-5, rtol=1e-5)
+
+
+def test_episode_buffer_stores_whole_episodes_per_env():
+    E, N, T = 2, 2, 4
+    buf = EpisodeBuffer(5, T, E, N, obs_dim=1, state_dim=1, action_dim=1, n_avail=0, device="cpu")
+    ends = {0: {1, 4}, 1: {3}}  # env 0 finishes after 2 then 3 steps, env 1 after 4
+    for k in range(5):
+        obs = torch.tensor([[[10.0 * k]] * N, [[100.0 + k]] * N])
+        done = torch.tensor([k in ends[0], k in ends[1]])
+        next_obs = obs + 0.5
+        buf.add(obs, obs[:, 0], None, torch.ones(E, N, 1), torch.tensor([1.0, 2.0]), torch.zeros(E, dtype=torch.bool),
+                done, next_obs, next_obs[:, 0], None)
+    assert sorted(buf.length.tolist()) == [0, 0, 2, 3, 4]  # two slots are still being written
+    first = (buf.length == 2).nonzero().item()
+    # env 0's first episode: steps 0 and 1, then its final obs at index 2
+    assert buf.obs[first, :3, 0, 0].tolist() == [0.0, 10.0, 10.5]
+    second = (buf.length == 3).nonzero().item()
+    assert buf.obs[second, :4, 0, 0].tolist() == [20.0, 30.0, 40.0, 40.5]
+    env1 = (buf.length == 4).nonzero().item()
+    assert buf.obs[env1, :5, 0, 0].tolist() == [100.0, 101.0, 102.0, 103.0, 103.5]
+    assert buf.reward[env1, :4].tolist() == [2.0] * 4
+    batch = buf.sample(16)
+    assert batch["obs"].shape[1] == batch["mask"].shape[1] + 1
+    assert set(batch["mask"].sum(1).tolist()) <= {2.0, 3.0, 4.0}
+
+
+def test_episode_buffer_refuses_to_overwrite_a_running_episode():
+    buf = EpisodeBuffer(4, 10, 2, 1, obs_dim=1, state_dim=1, action_dim=1, n_avail=0, device="cpu")
+    z = torch.zeros(2, 1, 1)
+    done = torch.tensor([True, False])
+    with pytest.raises(RuntimeError, match="replay buffer too small"):
+        for _ in range(5):  # env 0 keeps finishing while env 1 still writes its first episode
+            buf.add(z, z[:, 0], None, z, torch.zeros(2), torch.zeros(2, dtype=torch.bool), done, z, z[:, 0], None)
