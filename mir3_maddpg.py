@@ -55,10 +55,10 @@ class Args:
     """total env steps (one step of one env, all agents)"""
     buffer_size: int = 200_000
     """replay capacity in env steps, stored as whole episodes"""
-    batch_size: int = 8
-    """episodes per gradient step"""
-    train_frequency: Optional[int] = None
-    """env steps between gradient steps (None: one episode_limit, i.e. the authors' one update per episode)"""
+    batch_size: Optional[int] = None
+    """samples per gradient step: transitions for the MLP actor, whole episodes with --rnn (None: 256 / 8)"""
+    replay_ratio: float = 8.0
+    """trained transitions per env step (the authors' code: 8 episodes of 200 steps per 200-step episode)"""
     learning_starts: int = 10_000
     """env steps before learning starts"""
     gamma: float = 0.99
@@ -293,18 +293,28 @@ class EpisodeBuffer:
     def num_episodes(self) -> int:
         return int((self.length > 0).sum())
 
-    def sample(self, batch_size: int):
-        """``batch_size`` random complete episodes, cut to the longest: tensors [B, L(+1), ...]."""
+    def sample(self, batch_size: int, whole_episodes: bool):
+        """Random complete episodes cut to the longest (``whole_episodes``) or single transitions.
+
+        Returns tensors [B, L+1, ...] for obs/state/avail and [B, L, ...] for the rest (L = 1 for
+        transitions), plus ``mask`` [B, L] of the steps that belong to the episode.
+        """
         valid = (self.length > 0).nonzero(as_tuple=True)[0]
-        idx = valid[torch.randint(len(valid), (batch_size,), device=self.device)]
-        length = self.length[idx]
-        L = int(length.max())
+        if whole_episodes:
+            ep = valid[torch.randint(len(valid), (batch_size,), device=self.device)]
+            L = int(self.length[ep].max())
+            t = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        else:  # every stored transition equally likely
+            ep = valid[torch.multinomial(self.length[valid].float(), batch_size, replacement=True)]
+            L = 1
+            t = (torch.rand(batch_size, device=self.device) * self.length[ep]).long()
+        steps = t[:, None] + torch.arange(L + 1, device=self.device)[None, :]
+        e, now = ep[:, None], steps[:, :-1]
         return {
-            "obs": self.obs[idx, : L + 1], "state": self.state[idx, : L + 1],
-            "avail": None if self.avail is None else self.avail[idx, : L + 1],
-            "actions": self.actions[idx, :L], "reward": self.reward[idx, :L],
-            "terminated": self.terminated[idx, :L],
-            "mask": (torch.arange(L, device=self.device)[None, :] < length[:, None]).float(),
+            "obs": self.obs[e, steps], "state": self.state[e, steps],
+            "avail": None if self.avail is None else self.avail[e, steps],
+            "actions": self.actions[e, now], "reward": self.reward[e, now], "terminated": self.terminated[e, now],
+            "mask": (now < self.length[ep][:, None]).float(),
         }
 
 
@@ -384,6 +394,8 @@ if __name__ == "__main__":
         fail(f"--mi-coef must be >= 0, got {args.mi_coef}")
     if args.mi_estimator not in MI_ESTIMATORS:
         fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+    if args.batch_size is None:
+        args.batch_size = 8 if args.rnn else 256
     for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -404,7 +416,8 @@ if __name__ == "__main__":
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
     N, T, discrete = env.n_agents, env.episode_limit, env.is_discrete
     A = env.n_actions  # number of discrete actions, or action dim
-    train_frequency = args.train_frequency or T
+    if args.replay_ratio <= 0:
+        fail(f"--replay-ratio must be > 0, got {args.replay_ratio}")
 
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -499,8 +512,11 @@ if __name__ == "__main__":
             for net, tgt in ((actor, actor_target), (critic, critic_target)):
                 for p, tp in zip(net.parameters(), tgt.parameters()):
                     tp.lerp_(p, args.tau)
-        return {"losses/critic_loss": critic_loss.item(), "losses/actor_loss": actor_loss.item(),
-                "losses/q_values": (q * mask).sum().item() / n_valid.item(), "mi/upper_bound": mi[valid].mean().item()}
+        logs = {"losses/critic_loss": critic_loss.item(), "losses/actor_loss": actor_loss.item(),
+                "losses/q_values": (q * mask).sum().item() / n_valid.item()}
+        if args.mi_coef > 0:
+            logs["mi/upper_bound"] = mi[valid].mean().item()
+        return logs
 
     def club_step() -> float:
         idx = torch.randint(min(club_count, args.club_window), (args.club_batch_size,), device=device)
@@ -513,8 +529,9 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: start the game
     print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
           f"{'Discrete' if discrete else 'Box'}({A}), λ = {args.mi_coef}, device {device}")
-    global_step, updates, last_save, last_eval, last_print = 0, 0, 0, 0, 0.0
-    recent_returns, recent_success = [], []
+    global_step, updates, last_save, last_eval, last_log, last_print = 0, 0, 0, 0, 0, 0.0
+    credit = 0.0  # transitions still to be trained on, to keep --replay-ratio
+    recent_returns, metrics = [], {}
     obs, state, avail = env.reset()
     hidden = actor.init_hidden(args.num_envs, N, device)
     start_time = time.time()
@@ -538,25 +555,26 @@ if __name__ == "__main__":
             if bool(done.any()):
                 if hidden is not None:
                     hidden = hidden * (~done).view(-1, 1, 1)
-                for i in done.nonzero(as_tuple=True)[0].tolist():
-                    recent_returns.append(info["episode_return"][i].item())
-                    recent_success.append(float(info["success"][i]))
+                recent_returns = (recent_returns + info["episode_return"][done].tolist())[-100:]
                 writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
                 writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
                 writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
-                recent_returns, recent_success = recent_returns[-100:], recent_success[-100:]
 
             # ALGO LOGIC: training
-            if global_step >= args.learning_starts and rb.num_episodes() >= args.batch_size:
-                while updates < (global_step - args.learning_starts) // train_frequency + 1:
-                    club_loss = club_step() if args.mi_coef > 0 else float("nan")
-                    metrics = update(rb.sample(args.batch_size))
+            if global_step >= args.learning_starts and rb.num_episodes() >= (args.batch_size if args.rnn else 1):
+                credit += args.num_envs * args.replay_ratio
+                while credit > 0:
+                    if args.mi_coef > 0:
+                        metrics["losses/club_loss"] = club_step()
+                    batch = rb.sample(args.batch_size, whole_episodes=args.rnn)
+                    metrics.update(update(batch))
+                    credit -= float(batch["mask"].sum())
                     updates += 1
-                if updates % 20 == 0 or global_step >= args.total_timesteps:
-                    for k, v in metrics.items():
-                        writer.add_scalar(k, v, global_step)
-                    writer.add_scalar("losses/club_loss", club_loss, global_step)
-                    writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            if global_step - last_log >= 1000 and metrics:
+                last_log = global_step
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
 
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
                 last_eval = global_step

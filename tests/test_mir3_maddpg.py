@@ -138,9 +138,17 @@ def test_episode_buffer_stores_whole_episodes_per_env():
     env1 = (buf.length == 4).nonzero().item()
     assert buf.obs[env1, :5, 0, 0].tolist() == [100.0, 101.0, 102.0, 103.0, 103.5]
     assert buf.reward[env1, :4].tolist() == [2.0] * 4
-    batch = buf.sample(16)
+    batch = buf.sample(16, whole_episodes=True)
     assert batch["obs"].shape[1] == batch["mask"].shape[1] + 1
     assert set(batch["mask"].sum(1).tolist()) <= {2.0, 3.0, 4.0}
+    # single transitions: (obs_t, obs_t+1) pairs of complete episodes, all valid
+    torch.manual_seed(0)
+    batch = buf.sample(256, whole_episodes=False)
+    assert batch["obs"].shape == (256, 2, N, 1) and batch["mask"].all()
+    first, nxt = batch["obs"][:, 0, 0, 0], batch["obs"][:, 1, 0, 0]
+    stored = {(0.0, 10.0), (10.0, 10.5), (20.0, 30.0), (30.0, 40.0), (40.0, 40.5),
+              (100.0, 101.0), (101.0, 102.0), (102.0, 103.0), (103.0, 103.5)}
+    assert set(zip(first.tolist(), nxt.tolist())) == stored  # every transition, nothing else
 
 
 def test_episode_buffer_refuses_to_overwrite_a_running_episode():
