@@ -73,6 +73,8 @@ class Args:
     """hidden width of actor and critic"""
     rnn: bool = False
     """use a GRU actor unrolled over whole episodes instead of the MLP"""
+    policy_frequency: int = 2
+    """actor and target updates happen every this many critic updates (TD3's delayed policy update)"""
     exploration_noise: float = 0.1
     """std of the Gaussian exploration noise (continuous actions)"""
     max_grad_norm: float = 10.0
@@ -85,9 +87,9 @@ class Args:
     """MI upper bound: club, club-sample, l1out or vub"""
     club_lr: float = 5e-4
     """learning rate of the variational q(a|s)"""
-    club_hidden_dim: int = 128
+    club_hidden_dim: int = 64
     """hidden width of q(a|s)"""
-    club_batch_size: int = 512
+    club_batch_size: int = 256
     """(state, joint action) pairs per q(a|s) step"""
     club_window: int = 4096
     """q(a|s) trains on the most recent this many env steps"""
@@ -128,16 +130,16 @@ class Actor(nn.Module):
             return self.out(h), h
         return self.out(F.relu(self.core(z))), None
 
-    def unroll(self, x):
-        """Outputs over whole episodes x [B, T, N, in] from a zero hidden state."""
+    def unroll(self, x, steps: slice):
+        """Outputs at ``steps`` of sequences x [B, T, N, in]; the GRU runs from t = 0 with zero state."""
         if not self.is_rnn:
-            return self(x)[0]
+            return self(x[:, steps])[0]
         h = self.init_hidden(x.shape[0], x.shape[2], x.device)
         outs = []
         for t in range(x.shape[1]):
             o, h = self(x[:, t], h)
             outs.append(o)
-        return torch.stack(outs, 1)
+        return torch.stack(outs, 1)[:, steps]
 
 
 class Critic(nn.Module):
@@ -396,7 +398,8 @@ if __name__ == "__main__":
         fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
     if args.batch_size is None:
         args.batch_size = 8 if args.rnn else 256
-    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes"):
+    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
+                 "policy_frequency"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -461,15 +464,12 @@ if __name__ == "__main__":
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
         return path
 
-    def policy_actions(out, avail, explore: bool):
-        """Env actions and critic-ready actions from actor outputs [.., N, A]."""
-        if discrete:
-            logits = out.masked_fill(~avail, -float("inf"))
-            a = torch.distributions.Categorical(logits=logits).sample() if explore else logits.argmax(-1)
+    def explore(out, avail):
+        """Exploratory env actions and critic-ready actions (one-hot or in [-1, 1]) from actor outputs."""
+        if discrete:  # a sample of the masked softmax (what hard Gumbel-softmax draws)
+            a = torch.distributions.Categorical(logits=out.masked_fill(~avail, -float("inf"))).sample()
             return a, F.one_hot(a, A).float()
-        a = torch.tanh(out)
-        if explore:
-            a = (a + args.exploration_noise * torch.randn_like(a)).clamp(-1.0, 1.0)
+        a = (torch.tanh(out) + args.exploration_noise * torch.randn_like(out)).clamp(-1.0, 1.0)
         return a * act_scale + act_bias, a
 
     def update(batch) -> dict:
@@ -479,7 +479,7 @@ if __name__ == "__main__":
         obs_in = with_ids(batch["obs"], ids)
         a_buf = batch["actions"]
         with torch.no_grad():
-            next_out = actor_target.unroll(obs_in)[:, 1:]
+            next_out = actor_target.unroll(obs_in, slice(1, None))
             if discrete:
                 next_a = F.one_hot(next_out.masked_fill(~batch["avail"][:, 1:], -float("inf")).argmax(-1), A).float()
             else:
@@ -495,9 +495,14 @@ if __name__ == "__main__":
         critic_loss.backward()
         nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
         critic_opt.step()
+        logs = {"losses/critic_loss": critic_loss.item(), "losses/q_values": (q * mask).sum().item() / n_valid.item()}
+        if args.mi_coef > 0:
+            logs["mi/upper_bound"] = mi[valid].mean().item()
+        if updates % args.policy_frequency:
+            return logs
 
         # actor: for each agent i, the buffer joint action with agent i's slot set to π_i (MADDPG)
-        out = actor.unroll(obs_in)[:, :-1][valid]  # [M, N, A]
+        out = actor.unroll(obs_in, slice(None, -1))[valid]  # [M, N, A]
         if discrete:
             pi = F.gumbel_softmax(out.masked_fill(~batch["avail"][:, :-1][valid], -1e10), hard=True)
         else:
@@ -512,10 +517,7 @@ if __name__ == "__main__":
             for net, tgt in ((actor, actor_target), (critic, critic_target)):
                 for p, tp in zip(net.parameters(), tgt.parameters()):
                     tp.lerp_(p, args.tau)
-        logs = {"losses/critic_loss": critic_loss.item(), "losses/actor_loss": actor_loss.item(),
-                "losses/q_values": (q * mask).sum().item() / n_valid.item()}
-        if args.mi_coef > 0:
-            logs["mi/upper_bound"] = mi[valid].mean().item()
+        logs["losses/actor_loss"] = actor_loss.item()
         return logs
 
     def club_step() -> float:
@@ -541,7 +543,7 @@ if __name__ == "__main__":
                 out, hidden = actor(with_ids(obs, ids), hidden)
                 if global_step < args.learning_starts:
                     out = torch.randn_like(out) * (3.0 if discrete else 1.0)  # random warm-up
-                env_actions, critic_actions = policy_actions(out, avail, explore=True)
+                env_actions, critic_actions = explore(out, avail)
             next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(env_actions)
             done = terminated | truncated
             rb.add(obs, state, avail, critic_actions, reward, terminated, done,
