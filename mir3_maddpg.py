@@ -19,9 +19,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 import envs
 
-# λ per env from the sweep documented in README ("MIR3 λ sweep"); other envs use the fallback
-DEFAULT_MI_COEF = {"rendezvous": 0.01}
-FALLBACK_MI_COEF = 0.01
+# λ per env id (README, "λ sweep"); other ids fall back by action type: a Gaussian CLUB grows like
+# Σ_d var(a_d)/σ_d² (hundreds of nats for 20 action dims), a factorised categorical one stays below N·log A
+DEFAULT_MI_COEF = {"rendezvous": 1e-4, "rendezvous-discrete": 1e-3}
+FALLBACK_MI_COEF = {False: 1e-4, True: 1e-3}  # by is_discrete
 MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
 
 
@@ -390,9 +391,7 @@ def fail(message: str) -> None:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.mi_coef is None:
-        args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF)
-    if args.mi_coef < 0:
+    if args.mi_coef is not None and args.mi_coef < 0:
         fail(f"--mi-coef must be >= 0, got {args.mi_coef}")
     if args.mi_estimator not in MI_ESTIMATORS:
         fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
@@ -419,6 +418,8 @@ if __name__ == "__main__":
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
     N, T, discrete = env.n_agents, env.episode_limit, env.is_discrete
     A = env.n_actions  # number of discrete actions, or action dim
+    if args.mi_coef is None:
+        args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF[discrete])
     if args.replay_ratio <= 0:
         fail(f"--replay-ratio must be > 0, got {args.replay_ratio}")
 
