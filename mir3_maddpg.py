@@ -567,7 +567,8 @@ if __name__ == "__main__":
             if global_step >= args.learning_starts and rb.num_episodes() >= (args.batch_size if args.rnn else 1):
                 credit += args.num_envs * args.replay_ratio
                 while credit > 0:
-                    if args.mi_coef > 0:
+                    if args.mi_coef > 0 and updates % args.policy_frequency == 0:
+                        # q(a|s) models the policy, which changes only when the actor does
                         metrics["losses/club_loss"] = club_step()
                     batch = rb.sample(args.batch_size, whole_episodes=args.rnn)
                     metrics.update(update(batch))
