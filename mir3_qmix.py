@@ -1,0 +1,578 @@
+# MIR3 on a QMIX backbone, discrete actions.
+# Li et al., "Robust Multi-Agent Reinforcement Learning by Mutual Information Regularization",
+# IEEE TNNLS 2025. Train with no adversary, but shape the team reward to r - λ·Î(s; a), where Î is a
+# CLUB upper bound of the mutual information between the global state and the joint action.
+# With --mi-coef 0 this is plain QMIX (Rashid et al. 2018) as pymarl implements it: shared GRU agent
+# on obs ⊕ last action ⊕ agent id, monotonic hypernetwork mixer on the state, double Q, hard target
+# updates, ε-greedy, replay of whole episodes, masked TD loss, truncated episodes bootstrap.
+# Two input details matter on LBF: observations and state are scaled to [-1, 1] with the env's
+# bounds (raw grid coordinates make a fresh mixer start at Q_tot ≈ 3-18 while returns are ≤ 1), and
+# rewards are standardised with running statistics in the TD target, as epymarl does.
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+
+# λ per env id, or per family ("lbf:"), from the short check documented in README; else the fallback.
+# Î of a factorised categorical is at most N·log A nats per step and an LBF episode pays 1 in total,
+# so λ must be small there: 1e-3 costs at most ~0.18 per 50-step episode with 2 agents.
+DEFAULT_MI_COEF = {"lbf:": 1e-3}
+FALLBACK_MI_COEF = 0.01
+MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    save_model: bool = True
+    """whether to save the checkpoint to `runs/{run_name}/{exp_name}.pt`"""
+    save_interval: int = 0
+    """also save every this many env steps (0: only at the end and on Ctrl-C)"""
+
+    # Environment
+    env_id: str = "lbf:Foraging-8x8-2p-2f-coop-v3"
+    """the id of the environment (see `envs.registered_ids()`); discrete actions only"""
+    n_agents: Optional[int] = None
+    """number of agents of our own tasks (None: the env default)"""
+    episode_limit: Optional[int] = None
+    """episode length of our own tasks (None: the env default)"""
+    num_envs: int = 8
+    """number of parallel environments"""
+
+    # Algorithm
+    total_timesteps: int = 400_000
+    """total env steps (one step of one env, all agents)"""
+    buffer_size: int = 250_000
+    """replay capacity in env steps, stored as whole episodes (5000 LBF episodes)"""
+    batch_size: int = 32
+    """whole episodes per gradient step"""
+    learning_starts: int = 0
+    """env steps before learning starts (learning also waits for --batch-size episodes)"""
+    updates_per_episode: float = 1.0
+    """gradient steps per finished episode (pymarl: 1)"""
+    gamma: float = 0.99
+    """the discount factor"""
+    lr: float = 5e-4
+    """Adam learning rate of agent and mixer"""
+    hidden_dim: int = 64
+    """GRU width of the agent"""
+    mixer_embed_dim: int = 32
+    """width of the mixing network"""
+    hypernet_dim: int = 64
+    """hidden width of the hypernetworks"""
+    target_update_interval: int = 200
+    """gradient steps between hard target copies (= episodes with --updates-per-episode 1, as pymarl)"""
+    epsilon_start: float = 1.0
+    """initial ε of ε-greedy exploration"""
+    epsilon_finish: float = 0.05
+    """final ε"""
+    epsilon_anneal_steps: int = 50_000
+    """env steps over which ε decays linearly"""
+    max_grad_norm: float = 10.0
+    """global gradient-norm clip"""
+    standardise_rewards: bool = True
+    """divide rewards by their running std and subtract the mean in the TD target (epymarl on LBF)"""
+
+    # MIR3
+    mi_coef: Optional[float] = None
+    """λ, weight of the MI penalty in the TD target (0: plain QMIX; None: the per-env default)"""
+    mi_estimator: str = "club"
+    """MI upper bound: club, club-sample, l1out or vub"""
+    club_lr: float = 5e-4
+    """learning rate of the variational q(a|s)"""
+    club_hidden_dim: int = 128
+    """hidden width of q(a|s)"""
+    club_batch_size: int = 512
+    """(state, joint action) pairs per q(a|s) step"""
+    club_window: int = 4096
+    """q(a|s) trains on the most recent this many env steps"""
+
+    # Evaluation
+    eval_interval: int = 20_000
+    """env steps between greedy evaluations (0: never)"""
+    eval_episodes: int = 32
+    """episodes per evaluation (run in parallel)"""
+
+
+class RNNAgent(nn.Module):
+    """Shared agent: fc(in, H) -> ReLU -> GRUCell(H) -> fc(H, A), Q-value per action."""
+
+    def __init__(self, in_dim: int, n_actions: int, hidden_dim: int):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.rnn = nn.GRUCell(hidden_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, n_actions)
+
+    def forward(self, x, h):
+        """x [..., in], h [..., H] -> q [..., A], h [..., H]."""
+        z = F.relu(self.fc1(x))
+        h = self.rnn(z.reshape(-1, self.hidden_dim), h.reshape(-1, self.hidden_dim)).view(h.shape)
+        return self.fc2(h), h
+
+    def unroll(self, x):
+        """Q-values [B, T, N, A] of sequences x [B, T, N, in]; the GRU starts from zeros at t = 0."""
+        h = torch.zeros(*x.shape[:1], *x.shape[2:-1], self.hidden_dim, device=x.device)
+        qs = []
+        for t in range(x.shape[1]):
+            q, h = self(x[:, t], h)
+            qs.append(q)
+        return torch.stack(qs, 1)
+
+
+class QMixer(nn.Module):
+    """Monotonic mixer: Q_tot = |W2(s)|ᵀ ELU(|W1(s)|ᵀ q + b1(s)) + V(s), weights from hypernetworks."""
+
+    def __init__(self, state_dim: int, n_agents: int, embed_dim: int, hypernet_dim: int):
+        super().__init__()
+        self.n_agents, self.embed_dim = n_agents, embed_dim
+        self.hyper_w1 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(),
+                                      nn.Linear(hypernet_dim, n_agents * embed_dim))
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
+        self.value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, q, state):
+        """q [..., N] agent Q-values, state [..., S] -> Q_tot [...]."""
+        w1 = self.hyper_w1(state).abs().view(*q.shape, self.embed_dim)
+        hidden = F.elu((q.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
+        return (hidden * self.hyper_w2(state).abs()).sum(-1) + self.value(state).squeeze(-1)
+
+
+class CLUB(nn.Module):
+    """Variational q(a | s) over the joint action and the MI upper bounds built on it (discrete only).
+
+    q factorises over agents, log q(a|s) = Σ_i log softmax(f(s))[i, a_i], with one-hot actions
+    a [B, N, A]. ``mi(s, a, estimator)`` returns a pointwise estimate [B] whose negatives come from
+    the batch:
+      club        log q(a_b|s_b) - 1/B Σ_b' log q(a_b'|s_b)       (closed form, O(B))
+      club-sample log q(a_b|s_b) - log q(a_π(b)|s_b)              (one shuffled negative)
+      l1out       log q(a_b|s_b) - log 1/K Σ_{k≠b} q(a_b|s_k)      (K ≤ 512 random rows)
+      vub         log q(a_b|s_b) - log r(a_b)                      (learned marginal r)
+    """
+
+    def __init__(self, state_dim: int, n_agents: int, n_actions: int, discrete: bool, hidden_dim: int):
+        super().__init__()
+        if not discrete:
+            raise ValueError("mir3_qmix.CLUB supports discrete actions only (use mir3_maddpg.CLUB for Box actions)")
+        self.n_agents, self.n_actions, self.discrete = n_agents, n_actions, discrete
+        width = n_agents * n_actions
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, width))
+        self.marginal = nn.Parameter(torch.zeros(width))  # r(a) of the VUB bound
+
+    def _logp(self, s):
+        return F.log_softmax(self.net(s).view(-1, self.n_agents, self.n_actions), -1)
+
+    def log_q(self, s, a):
+        return (self._logp(s) * a).sum((-1, -2))
+
+    def log_marginal(self, a):
+        return (F.log_softmax(self.marginal.view(self.n_agents, self.n_actions), -1) * a).sum((-1, -2))
+
+    def learning_loss(self, s, a):
+        """Negative log-likelihood of q(a|s) (and of the marginal r(a), used only by vub)."""
+        return -(self.log_q(s, a) + self.log_marginal(a)).mean()
+
+    def mi(self, s, a, estimator: str = "club"):
+        logp = self._logp(s)
+        positive = (logp * a).sum((-1, -2))
+        if estimator == "club":  # mean over b' of one-hots, then one dot product per row
+            negative = (logp * a.mean(0)).sum((-1, -2))
+        elif estimator == "club-sample":
+            negative = (logp * a[torch.randperm(a.shape[0], device=a.device)]).sum((-1, -2))
+        elif estimator == "l1out":
+            k = torch.randperm(a.shape[0], device=a.device)[:512]
+            mat = torch.einsum("kia,bia->bk", logp[k], a)
+            own = k[None, :] == torch.arange(a.shape[0], device=a.device)[:, None]
+            mat = mat.masked_fill(own, -float("inf"))
+            negative = torch.logsumexp(mat, 1) - torch.log((~own).sum(1).clamp(min=1).float())
+        elif estimator == "vub":
+            negative = self.log_marginal(a)
+        else:
+            raise ValueError(f"unknown MI estimator {estimator!r}; choose from {MI_ESTIMATORS}")
+        return positive - negative
+
+
+class EpisodeBuffer:
+    """Replay of whole episodes, written step by step by ``num_envs`` parallel envs.
+
+    Every env writes into its own slot of a ring of ``capacity`` preallocated episodes of
+    ``episode_limit + 1`` steps; a slot becomes sampleable when its episode ends, and the env
+    moves on to the next slot of the ring. Step t holds obs/state/avail before action t and
+    index length holds the last observation (what a truncated episode bootstraps from).
+    Actions are stored as indices [C, T, N].
+    """
+
+    def __init__(self, capacity, episode_limit, num_envs, n_agents, obs_dim, state_dim, n_actions, device):
+        if capacity < 2 * num_envs:
+            raise ValueError(f"replay buffer of {capacity} episodes is too small for {num_envs} envs")
+        C, T, N = capacity, episode_limit, n_agents
+        self.capacity, self.device = C, device
+        self.obs = torch.zeros(C, T + 1, N, obs_dim, device=device)
+        self.state = torch.zeros(C, T + 1, state_dim, device=device)
+        self.avail = torch.ones(C, T + 1, N, n_actions, dtype=torch.bool, device=device)
+        self.actions = torch.zeros(C, T, N, dtype=torch.int64, device=device)
+        self.reward = torch.zeros(C, T, device=device)
+        self.terminated = torch.zeros(C, T, device=device)
+        self.length = torch.zeros(C, dtype=torch.int64, device=device)  # 0 while being written
+        self.slot = torch.arange(num_envs, device=device)
+        self.t = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        self.next_slot = num_envs
+
+    def add(self, obs, state, avail, action, reward, terminated, done, next_obs, next_state, next_avail):
+        s, t = self.slot, self.t
+        self.obs[s, t], self.obs[s, t + 1] = obs, next_obs
+        self.state[s, t], self.state[s, t + 1] = state, next_state
+        self.avail[s, t], self.avail[s, t + 1] = avail, next_avail
+        self.actions[s, t], self.reward[s, t], self.terminated[s, t] = action, reward, terminated.float()
+        self.t += 1
+        if bool(done.any()):
+            self.length[s[done]] = self.t[done]
+            new = (self.next_slot + torch.arange(int(done.sum()), device=self.device)) % self.capacity
+            if bool(torch.isin(new, s[~done]).any()):
+                raise RuntimeError("replay buffer too small: raise --buffer-size or lower --num-envs")
+            self.length[new] = 0
+            self.slot[done], self.t[done] = new, 0
+            self.next_slot += len(new)
+
+    def num_episodes(self) -> int:
+        return int((self.length > 0).sum())
+
+    def sample(self, batch_size: int):
+        """Random complete episodes cut to the longest: [B, L+1, ...] for obs/state/avail, [B, L, ...]
+        for the rest, and ``mask`` [B, L] of the steps that belong to the episode."""
+        valid = (self.length > 0).nonzero(as_tuple=True)[0]
+        ep = valid[torch.randint(len(valid), (batch_size,), device=self.device)]
+        L = int(self.length[ep].max())
+        return {"obs": self.obs[ep, :L + 1], "state": self.state[ep, :L + 1], "avail": self.avail[ep, :L + 1],
+                "actions": self.actions[ep, :L], "reward": self.reward[ep, :L], "terminated": self.terminated[ep, :L],
+                "mask": (torch.arange(L, device=self.device)[None, :] < self.length[ep][:, None]).float()}
+
+
+def agent_inputs(obs, last_onehot, ids):
+    """obs ⊕ one-hot last action ⊕ one-hot agent id, on [..., N, ·]."""
+    return torch.cat((obs, last_onehot, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
+
+
+def unit_box(low, high, device):
+    """(center, half-width) mapping [low, high] onto [-1, 1]; identity without bounds."""
+    if low is None:
+        return torch.zeros((), device=device), torch.ones((), device=device)
+    low, high = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (low, high))
+    return (high + low) / 2, ((high - low) / 2).clamp(min=1e-6)
+
+
+class Policy:
+    """Greedy (ε-greedy in training) QMIX policy; ``load_policy`` returns a frozen one.
+
+    ``hidden`` is one tensor [E, N, H + A]: the GRU state ⊕ the one-hot of the agent's last action.
+    All zeros is the start of an episode (pymarl also feeds a zero "last action" at t = 0), so, as
+    in mir3_maddpg, callers zero the rows of envs that finish: ``hidden * (~done).view(-1, 1, 1)``.
+    ``obs_low``/``obs_high``: the env's observation bounds, if it has any; observations are mapped
+    onto [-1, 1] before they reach the agent (``scale_obs``).
+    """
+
+    def __init__(self, agent: RNNAgent, n_agents: int, n_actions: int, obs_low=None, obs_high=None):
+        self.agent, self.n_agents, self.n_actions = agent, n_agents, n_actions
+        self.device = next(agent.parameters()).device
+        self.ids = torch.eye(n_agents, device=self.device)
+        self.obs_center, self.obs_half = unit_box(obs_low, obs_high, self.device)
+
+    def scale_obs(self, obs):
+        return (obs - self.obs_center) / self.obs_half
+
+    def init_hidden(self, num_envs: int):
+        return torch.zeros(num_envs, self.n_agents, self.agent.hidden_dim + self.n_actions, device=self.device)
+
+    @torch.no_grad()
+    def act(self, obs, avail, hidden, epsilon: float = 0.0):
+        if hidden is None:
+            hidden = self.init_hidden(obs.shape[0])
+        h, last = hidden.split([self.agent.hidden_dim, self.n_actions], -1)
+        q, h = self.agent(agent_inputs(self.scale_obs(obs), last, self.ids), h)
+        actions = q.masked_fill(~avail, -float("inf")).argmax(-1)
+        if epsilon > 0:  # uniform over available actions with probability ε
+            random = torch.multinomial(avail.flatten(0, -2).float(), 1).view(actions.shape)
+            actions = torch.where(torch.rand(actions.shape, device=q.device) < epsilon, random, actions)
+        return actions, torch.cat((h, F.one_hot(actions, self.n_actions).float()), -1)
+
+
+def action_space_dict(space) -> dict:
+    if space.__class__.__name__ == "Discrete":
+        return {"type": "discrete", "n": int(space.n)}
+    return {"type": "box", "shape": list(space.shape), "low": space.low.tolist(), "high": space.high.tolist()}
+
+
+def load_policy(checkpoint: dict, device="cpu") -> Policy:
+    """Rebuild the frozen greedy policy of a ``mir3_qmix`` checkpoint (a dict from torch.load)."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != "mir3_qmix":
+        found = checkpoint.get("script") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"not a mir3_qmix checkpoint (script: {found!r})")
+    try:
+        args, space, n_agents = checkpoint["args"], checkpoint["action_space"], checkpoint["n_agents"]
+        if space["type"] != "discrete":
+            raise KeyError("action_space is not discrete")
+        agent = RNNAgent(checkpoint["obs_dim"] + space["n"] + n_agents, space["n"], args["hidden_dim"]).to(device)
+        agent.load_state_dict(checkpoint["models"]["agent"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"unusable mir3_qmix checkpoint: {type(e).__name__}: {e}") from None
+    return Policy(agent.eval().requires_grad_(False), n_agents, space["n"], checkpoint.get("obs_low"),
+                  checkpoint.get("obs_high"))
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, env) -> tuple:
+    """Run one greedy episode in each of ``env.num_envs`` envs; returns (returns, successes) [E]."""
+    obs, _, avail = env.reset()
+    hidden = policy.init_hidden(env.num_envs)
+    returns = torch.zeros(env.num_envs, device=env.device)
+    success = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    running = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)
+    while bool(running.any()):
+        actions, hidden = policy.act(obs, avail, hidden)
+        obs, _, avail, reward, terminated, truncated, info = env.step(actions)
+        returns += reward * running
+        done = (terminated | truncated) & running
+        success |= info["success"] & done
+        running &= ~done
+    return returns, success
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.mi_coef is None:
+        family = args.env_id.partition(":")[0] + ":"
+        args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, DEFAULT_MI_COEF.get(family, FALLBACK_MI_COEF))
+    if args.mi_coef < 0:
+        fail(f"--mi-coef must be >= 0, got {args.mi_coef}")
+    if args.mi_estimator not in MI_ESTIMATORS:
+        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
+                 "target_update_interval", "club_window", "club_batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.updates_per_episode <= 0:
+        fail(f"--updates-per-episode must be > 0, got {args.updates_per_episode}")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
+    try:
+        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
+        if not env.is_discrete:
+            fail(f"mir3_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
+                 f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete) or mir3_maddpg.py")
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
+                             device=device, **env_kwargs)
+    except (ValueError, ImportError) as e:
+        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    N, T, A = env.n_agents, env.episode_limit, env.n_actions
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # ALGO LOGIC: initialize agent here
+    ids = torch.eye(N, device=device)
+    in_dim = env.obs_dim + A + N
+    agent, target_agent = RNNAgent(in_dim, A, args.hidden_dim).to(device), RNNAgent(in_dim, A, args.hidden_dim).to(device)
+    mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
+    target_mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
+    target_agent.load_state_dict(agent.state_dict())
+    target_mixer.load_state_dict(mixer.state_dict())
+    params = list(agent.parameters()) + list(mixer.parameters())
+    optimizer = optim.Adam(params, lr=args.lr)
+    club = CLUB(env.state_dim, N, A, True, args.club_hidden_dim).to(device)
+    club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
+
+    rb = EpisodeBuffer(max(args.buffer_size // T, 2 * args.num_envs), T, args.num_envs, N, env.obs_dim,
+                       env.state_dim, A, device)
+    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s)
+    club_states = torch.zeros(args.club_window, env.state_dim, device=device)
+    club_actions = torch.zeros(args.club_window, N, dtype=torch.int64, device=device)
+    club_ptr, club_count = 0, 0
+    reward_mean, reward_var, reward_count = torch.zeros((), device=device), torch.ones((), device=device), 1e-4
+
+    space = action_space_dict(env.action_space)
+    # LBF observations are raw grid coordinates and levels (up to the grid size); fed as they are,
+    # the hypernetworks start with Q_tot ≈ 5-20 across states against returns ≤ 1, a bias that
+    # bootstrapped time limits (γ = 0.99) barely shrink. Map obs and state onto [-1, 1] (LBF's
+    # state is the concatenation of the agents' observations); envs without bounds pass unchanged.
+    obs_low, obs_high = getattr(env, "obs_low", None), getattr(env, "obs_high", None)
+    if obs_low is not None:
+        obs_low, obs_high = obs_low.tolist(), obs_high.tolist()
+    policy = Policy(agent, N, A, obs_low, obs_high)
+    state_bounds = obs_low is not None and env.state_dim == N * env.obs_dim
+    state_center, state_half = unit_box(obs_low * N if state_bounds else None,
+                                        obs_high * N if state_bounds else None, device)
+
+    def checkpoint() -> dict:
+        return {"script": "mir3_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
+                "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
+                "obs_low": obs_low, "obs_high": obs_high,
+                "action_space": space, "global_step": global_step,
+                "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(), "club": club.state_dict()}}
+
+    def save() -> str:
+        path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save(checkpoint(), path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        return path
+
+    def update(batch) -> dict:
+        mask, avail = batch["mask"], batch["avail"]
+        state = (batch["state"] - state_center) / state_half
+        valid = mask.bool()
+        n_valid = mask.sum()
+        actions = batch["actions"]  # [B, L, N]
+        onehot = F.one_hot(actions, A).float()
+        last = torch.cat((torch.zeros_like(onehot[:, :1]), onehot), 1)  # last action before step t
+        x = agent_inputs(policy.scale_obs(batch["obs"]), last, ids)  # [B, L+1, N, in]
+        q_all = agent.unroll(x)
+        chosen = q_all[:, :-1].gather(-1, actions[..., None]).squeeze(-1)
+        with torch.no_grad():
+            # double Q: the online net picks the next action, the target net evaluates it
+            best = q_all[:, 1:].masked_fill(~avail[:, 1:], -float("inf")).argmax(-1, keepdim=True)
+            q_next = target_agent.unroll(x)[:, 1:].gather(-1, best).squeeze(-1)
+            q_tot_next = target_mixer(q_next, state[:, 1:])
+            mi = torch.zeros_like(mask)
+            if args.mi_coef > 0:
+                mi[valid] = club.mi(state[:, :-1][valid], onehot[valid], args.mi_estimator)
+            reward = (batch["reward"] - reward_mean) / (reward_var.sqrt() + 1e-8) if args.standardise_rewards \
+                else batch["reward"]
+            target = reward - args.mi_coef * mi + args.gamma * (1 - batch["terminated"]) * q_tot_next
+        q_tot = mixer(chosen, state[:, :-1])
+        td = (q_tot - target) * mask
+        loss = (td**2).sum() / n_valid
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        logs = {"losses/td_loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                "losses/q_taken_mean": (q_tot * mask).sum().item() / n_valid.item(),
+                "losses/target_mean": (target * mask).sum().item() / n_valid.item()}
+        if args.mi_coef > 0:
+            logs["mi/upper_bound"] = mi[valid].mean().item()
+        return logs
+
+    def club_step() -> float:
+        idx = torch.randint(min(club_count, args.club_window), (args.club_batch_size,), device=device)
+        loss = club.learning_loss(club_states[idx], F.one_hot(club_actions[idx], A).float())
+        club_opt.zero_grad()
+        loss.backward()
+        club_opt.step()
+        return loss.item()
+
+    # TRY NOT TO MODIFY: start the game
+    print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
+          f"Discrete({A}), λ = {args.mi_coef}, device {device}")
+    global_step, updates, last_save, last_eval, last_log, last_print = 0, 0, 0, 0, 0, 0.0
+    credit = 0.0  # gradient steps owed to finished episodes (--updates-per-episode)
+    recent_returns, metrics = [], {}
+    obs, state, avail = env.reset()
+    hidden = policy.init_hidden(args.num_envs)
+    start_time = time.time()
+    try:
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: put action logic here
+            frac = min(global_step / max(args.epsilon_anneal_steps, 1), 1.0)
+            epsilon = args.epsilon_start + frac * (args.epsilon_finish - args.epsilon_start)
+            actions, hidden = policy.act(obs, avail, hidden, epsilon)
+            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
+            done = terminated | truncated
+            # TRY NOT TO MODIFY: save data to replay buffer; handle `final_observation`
+            # running reward statistics (parallel-variance update, as epymarl's RunningMeanStd)
+            delta, n = reward.mean() - reward_mean, reward_count + args.num_envs
+            reward_var = (reward_var * reward_count + reward.var(unbiased=False) * args.num_envs
+                          + delta**2 * reward_count * args.num_envs / n) / n
+            reward_mean, reward_count = reward_mean + delta * args.num_envs / n, n
+            rb.add(obs, state, avail, actions, reward, terminated, done,
+                   info["final_obs"], info["final_state"], info["final_avail"])
+            if args.mi_coef > 0:
+                rows = (club_ptr + torch.arange(args.num_envs, device=device)) % args.club_window
+                club_states[rows], club_actions[rows] = (state - state_center) / state_half, actions
+                club_ptr, club_count = (club_ptr + args.num_envs) % args.club_window, club_count + args.num_envs
+            # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+            obs, state, avail = next_obs, next_state, next_avail
+            global_step += args.num_envs
+
+            if bool(done.any()):
+                hidden = hidden * (~done).view(-1, 1, 1)  # new episodes: zero GRU state and last action
+                n_done = int(done.sum())
+                recent_returns = (recent_returns + info["episode_return"][done].tolist())[-100:]
+                writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
+                writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
+                writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
+
+                # ALGO LOGIC: training.
+                if global_step >= args.learning_starts and rb.num_episodes() >= args.batch_size:
+                    credit += n_done * args.updates_per_episode
+                    while credit >= 1:
+                        credit -= 1
+                        if args.mi_coef > 0:
+                            metrics["losses/club_loss"] = club_step()
+                        metrics.update(update(rb.sample(args.batch_size)))
+                        updates += 1
+                        if updates % args.target_update_interval == 0:  # update the target network
+                            target_agent.load_state_dict(agent.state_dict())
+                            target_mixer.load_state_dict(mixer.state_dict())
+            if global_step - last_log >= 1000 and metrics:
+                last_log = global_step
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, global_step)
+                writer.add_scalar("charts/epsilon", epsilon, global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+
+            if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
+                last_eval = global_step
+                returns, success = evaluate(policy, eval_env)
+                writer.add_scalar("eval/episodic_return", returns.mean().item(), global_step)
+                writer.add_scalar("eval/success_rate", success.float().mean().item(), global_step)
+                print(f"global_step={global_step} eval_return={returns.mean().item():.2f} "
+                      f"eval_success={success.float().mean().item():.2f}", flush=True)
+            if time.time() - last_print > 10:
+                last_print = time.time()
+                ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"global_step={global_step} SPS={int(global_step / (time.time() - start_time))} "
+                      f"updates={updates} epsilon={epsilon:.2f} return={ret:.2f}", flush=True)
+            if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
+                last_save = global_step
+                save()
+    except KeyboardInterrupt:
+        if args.save_model:
+            print(f"interrupted: checkpoint saved to {save()}", flush=True)
+        sys.exit(130)
+
+    if args.save_model:
+        print(f"checkpoint saved to {save()}")
+    env.close()
+    eval_env.close()
+    writer.close()
