@@ -23,10 +23,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AUTHORS_SPS = {"mir3_maddpg": (116.0, 94.0)}
-# per script: (env args, learning_starts, extra args shared by both settings, MIR3 λ, memory-run steps)
+AUTHORS_SPS = {"mir3_maddpg": (116.0, 94.0)}  # MADDPG / MIR3 on rendezvous (the only ones measured)
+# per script: (env args, learning_starts or None for on-policy, extra args shared by both settings,
+# MIR3 λ (None: the script's default), memory-run steps: enough to fill any replay buffer)
 CONFIGS = {
     "mir3_maddpg": (["--env-id", "rendezvous"], 10_000, ["--replay-ratio", "8"], None, 220_000),
+    "mir3_qmix": (["--env-id", "lbf:Foraging-8x8-2p-2f-coop-v3"], 2_000, [], None, 60_000),
+    "mir3_mappo": (["--env-id", "quads-same-goal"], None, [], None, 100_000),
 }
 
 
@@ -55,7 +58,10 @@ def main():
     rows = []
     for script in args.scripts:
         env_args, starts, extra, mi_coef, memory_steps = CONFIGS[script]
-        common = [*env_args, *extra, *args.extra, "--learning-starts", str(starts), "--eval-interval", "0", "--no-save-model"]
+        common = [*env_args, *extra, *args.extra, "--eval-interval", "0", "--no-save-model"]
+        if starts is not None:
+            common += ["--learning-starts", str(starts)]
+        starts = starts or 0
         sps = {}
         for name, mi in (("plain", ["--mi-coef", "0"]), ("MIR3", [] if mi_coef is None else ["--mi-coef", str(mi_coef)])):
             t_short, _ = run(script, [*common, *mi, "--total-timesteps", str(starts + args.short)], cwd)

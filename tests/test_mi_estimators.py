@@ -17,8 +17,8 @@ import pytest
 import torch
 
 # every script's own copy of CLUB; QMIX's handles discrete actions only
-CONTINUOUS = ["mir3_maddpg"]
-DISCRETE = ["mir3_maddpg", "mir3_qmix"]
+CONTINUOUS = ["mir3_maddpg", "mir3_mappo"]
+DISCRETE = ["mir3_maddpg", "mir3_qmix", "mir3_mappo"]
 
 
 def fit(club, sample, steps=1500, lr=3e-3, batch=512):
