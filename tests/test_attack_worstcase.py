@@ -14,11 +14,15 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # training scripts whose checkpoints are attacked; add a name here and a line in TINY_TRAIN
-SCRIPTS = ["mir3_maddpg"]
+SCRIPTS = ["mir3_maddpg", "mir3_qmix", "mir3_mappo"]
 # flags of a tiny (seconds) training run per script, used for the "runs on every script" test
 TINY_TRAIN = {
     "mir3_maddpg": ["--total-timesteps", "320", "--learning-starts", "160", "--num-envs", "4", "--batch-size", "4",
                     "--eval-interval", "0", "--hidden-dim", "16", "--club-hidden-dim", "16", "--buffer-size", "2000"],
+    "mir3_qmix": ["--total-timesteps", "320", "--num-envs", "4", "--batch-size", "4", "--eval-interval", "0",
+                  "--hidden-dim", "16", "--club-hidden-dim", "16", "--buffer-size", "2000"],
+    "mir3_mappo": ["--total-timesteps", "256", "--num-envs", "4", "--num-steps", "32", "--eval-interval", "0",
+                   "--hidden-dim", "16", "--club-hidden-dim", "16"],
 }
 # the env of the tiny runs: a discrete task every script supports (continuous actions are test 1)
 TINY_ENV = ["--env-id", "rendezvous-discrete", "--n-agents", "3", "--episode-limit", "20"]
