@@ -16,7 +16,6 @@ MADDPG 116 env steps/s, MIR3 94 env steps/s (1.24x), 14-16 GiB peak memory.
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,16 +33,17 @@ CONFIGS = {
 
 
 def run(script, args, cwd):
-    """Wall time and max RSS (bytes) of one run of ``script`` with ``args``."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{script}.py"), *args], cwd=cwd,
-                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return elapsed, peak * 1024 if peak > before else None
+    """Wall time and peak RSS (bytes) of one run of ``script`` with ``args``."""
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), *args], cwd=cwd,
+                                env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+        elapsed = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"{script} {' '.join(args)} failed:\n{err.read().decode()[-2000:]}")
+    return elapsed, usage.ru_maxrss * 1024  # kilobytes on Linux
 
 
 def main():
@@ -52,6 +52,7 @@ def main():
     parser.add_argument("--steps", type=int, default=60_000, help="training env steps timed per setting")
     parser.add_argument("--short", type=int, default=10_000, help="training env steps of the short run")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory run")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (last option)")
     args = parser.parse_args()
     cwd = tempfile.mkdtemp(prefix="train_throughput_")
@@ -62,25 +63,27 @@ def main():
         if starts is not None:
             common += ["--learning-starts", str(starts)]
         starts = starts or 0
-        sps = {}
-        for name, mi in (("plain", ["--mi-coef", "0"]), ("MIR3", [] if mi_coef is None else ["--mi-coef", str(mi_coef)])):
+        settings = (("plain", ["--mi-coef", "0"]), ("MIR3", [] if mi_coef is None else ["--mi-coef", str(mi_coef)]))
+        sps = {"plain": float("nan"), "MIR3": float("nan")}
+        for name, mi in () if args.memory_only else settings:
             t_short, _ = run(script, [*common, *mi, "--total-timesteps", str(starts + args.short)], cwd)
             t_long, _ = run(script, [*common, *mi, "--total-timesteps", str(starts + args.short + args.steps)], cwd)
             sps[name] = args.steps / (t_long - t_short)
             print(f"{script} {name}: {sps[name]:,.0f} training env steps/s", flush=True)
         peak = None
         if not args.no_memory:
-            _, peak = run(script, [*env_args, *args.extra, "--eval-interval", "0", "--no-save-model",
-                                   "--total-timesteps", str(memory_steps)], cwd)
+            _, peak = run(script, [*env_args, *args.extra, "--no-save-model", "--total-timesteps", str(memory_steps)], cwd)
         rows.append((script, sps["plain"], sps["MIR3"], peak))
 
     print(f"\n{'script':14s} {'plain SPS':>10s} {'MIR3 SPS':>10s} {'MIR3 cost':>10s} "
           f"{'x authors (plain/MIR3)':>23s} {'peak memory':>12s}")
     for script, plain, mir3, peak in rows:
         ref = AUTHORS_SPS.get(script)
-        speedup = f"{plain / ref[0]:.0f}x / {mir3 / ref[1]:.0f}x" if ref else "-"
+        measured = plain == plain  # NaN with --memory-only
+        speedup = f"{plain / ref[0]:.0f}x / {mir3 / ref[1]:.0f}x" if ref and measured else "-"
         mem = f"{peak / 2**30:.2f} GiB" if peak else "-"
-        print(f"{script:14s} {plain:10,.0f} {mir3:10,.0f} {plain / mir3:9.2f}x {speedup:>23s} {mem:>12s}")
+        rates = f"{plain:10,.0f} {mir3:10,.0f} {plain / mir3:9.2f}x" if measured else f"{'-':>10s} {'-':>10s} {'-':>10s}"
+        print(f"{script:14s} {rates} {speedup:>23s} {mem:>12s}")
     print("SPS = training env steps per second (one step of one env, all agents); "
           "MIR3 cost = plain SPS / MIR3 SPS; peak memory = max RSS of a default run that fills the replay buffer")
 
