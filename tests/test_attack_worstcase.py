@@ -5,13 +5,12 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, only
+from helpers import run_script as run
 
 # training scripts whose checkpoints are attacked; add a name here and a line in TINY_TRAIN
 SCRIPTS = ["mir3_maddpg", "mir3_qmix", "mir3_mappo"]
@@ -38,23 +37,6 @@ ATTACK = ["--adversaries", "0", "--total-timesteps", "60000", "--num-envs", "64"
           "--learning-rate", "1e-3", "--update-epochs", "10", "--eval-interval", "0", "--eval-episodes", "128",
           "--obs-noise", "0.1", "--action-repeat", "0.2", "--disable", "1", "--plot"]
 DISTURBANCES = ["obs_noise_0.1", "action_repeat_0.2", "dis_1"]
-
-
-def run(script, cwd, *args, check=True):
-    os.makedirs(cwd, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    path = script if os.path.isabs(script) else os.path.join(ROOT, f"{script}.py")
-    proc = subprocess.run([sys.executable, path, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def only(pattern):
-    paths = glob.glob(str(pattern))
-    assert len(paths) == 1, paths
-    return paths[0]
 
 
 @pytest.fixture(scope="module")

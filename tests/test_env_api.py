@@ -48,8 +48,7 @@ def test_conformance(env_id):
     assert avail.any(-1).all()
     gen = torch.Generator().manual_seed(0)
     finished = 0
-    for t in range(2 * env.episode_limit + 2):
-        prev_obs = obs
+    for _ in range(2 * env.episode_limit + 2):
         obs, state, avail, reward, terminated, truncated, info = env.step(random_actions(env, gen))
         assert obs.shape == (E, N, env.obs_dim) and obs.dtype == torch.float32
         assert state.shape == (E, env.state_dim) and avail.shape == (E, N, A)

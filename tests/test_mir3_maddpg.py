@@ -1,36 +1,23 @@
 """mir3_maddpg.py: smoke runs, checkpoint round trip, determinism, bad input, building blocks."""
 
+import functools
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import envs
+import helpers
 from mir3_maddpg import Critic, EpisodeBuffer, load_policy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--total-timesteps", "480", "--learning-starts", "160", "--num-envs", "4", "--batch-size", "2",
         "--eval-interval", "240", "--eval-episodes", "3", "--hidden-dim", "16", "--club-hidden-dim", "16",
         "--buffer-size", "2000"]
 
 
-def run_script(cwd, *args, check=True):
-    os.makedirs(cwd, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mir3_maddpg.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def checkpoint_of(cwd, exp_name="mir3_maddpg"):
-    paths = glob.glob(os.path.join(cwd, "runs", "*", f"{exp_name}.pt"))
-    assert len(paths) == 1, paths
-    return torch.load(paths[0], weights_only=True)
+run_script = functools.partial(helpers.run_script, "mir3_maddpg")
+checkpoint_of = functools.partial(helpers.checkpoint_of, exp_name="mir3_maddpg")
 
 
 SMOKE = [

@@ -1,38 +1,25 @@
 """mir3_mappo.py: smoke runs, checkpoint round trip, determinism, bad input, learning."""
 
+import functools
 import glob
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import envs
+import helpers
 from envs.rendezvous import scripted_actions
 from mir3_mappo import RunningNorm, load_policy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--total-timesteps", "128", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
         "--update-epochs", "2", "--eval-interval", "64", "--eval-episodes", "3", "--hidden-dim", "16",
         "--club-hidden-dim", "16", "--club-batch-size", "32", "--club-steps", "2"]
 
 
-def run_script(cwd, *args, check=True):
-    os.makedirs(cwd, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mir3_mappo.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def checkpoint_of(cwd, exp_name="mir3_mappo"):
-    paths = glob.glob(os.path.join(cwd, "runs", "*", f"{exp_name}.pt"))
-    assert len(paths) == 1, paths
-    return torch.load(paths[0], weights_only=True)
+run_script = functools.partial(helpers.run_script, "mir3_mappo")
+checkpoint_of = functools.partial(helpers.checkpoint_of, exp_name="mir3_mappo")
 
 
 SMALL = ["--n-agents", "2", "--episode-limit", "12"]

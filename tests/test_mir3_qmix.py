@@ -1,39 +1,26 @@
 """mir3_qmix.py: the QMIX two-step game, learning on LBF, smoke runs, checkpoints, determinism, bad input."""
 
+import functools
 import glob
 import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 import envs
+import helpers
 from mir3_qmix import QMixer, load_policy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "mir3_qmix.py")
+SCRIPT = os.path.join(helpers.ROOT, "mir3_qmix.py")
 TINY = ["--total-timesteps", "480", "--num-envs", "4", "--batch-size", "2", "--eval-interval", "240",
         "--eval-episodes", "3", "--hidden-dim", "16", "--club-hidden-dim", "16", "--buffer-size", "2000"]
 EVAL_LINE = re.compile(r"global_step=(\d+) eval_return=(-?[\d.]+) eval_success=([\d.]+)")
 
 
-def run_script(cwd, *args, check=True, script=SCRIPT):
-    os.makedirs(cwd, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, script, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def checkpoint_of(cwd, exp_name="mir3_qmix"):
-    paths = glob.glob(os.path.join(cwd, "runs", "*", f"{exp_name}.pt"))
-    assert len(paths) == 1, paths
-    return torch.load(paths[0], weights_only=True)
+run_script = functools.partial(helpers.run_script, "mir3_qmix")
+checkpoint_of = functools.partial(helpers.checkpoint_of, exp_name="mir3_qmix")
 
 
 def evals(stdout):
@@ -81,9 +68,10 @@ TWO_STEP = textwrap.dedent('''
 def test_qmix_finds_the_optimum_of_the_two_step_game(tmp_path):
     helper = tmp_path / "two_step.py"
     helper.write_text(TWO_STEP.replace("SCRIPT", repr(SCRIPT)))
-    proc = run_script(tmp_path, "--env-id", "two-step", "--mi-coef", "0", "--total-timesteps", "1200",
-                      "--epsilon-anneal-steps", "500", "--target-update-interval", "50", "--eval-interval", "600",
-                      "--eval-episodes", "4", "--buffer-size", "1000", "--num-envs", "8", script=str(helper))
+    proc = helpers.run_script(helper, tmp_path, "--env-id", "two-step", "--mi-coef", "0", "--total-timesteps",
+                              "1200", "--epsilon-anneal-steps", "500", "--target-update-interval", "50",
+                              "--eval-interval", "600", "--eval-episodes", "4", "--buffer-size", "1000",
+                              "--num-envs", "8")
     final = evals(proc.stdout)[-1]
     assert final[1] == pytest.approx(8.0) and final[2] == 1.0, proc.stdout
 
