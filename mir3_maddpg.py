@@ -549,9 +549,10 @@ if __name__ == "__main__":
             done = terminated | truncated
             rb.add(obs, state, avail, critic_actions, reward, terminated, done,
                    info["final_obs"], info["final_state"], info["final_avail"])
-            rows = (club_ptr + torch.arange(args.num_envs, device=device)) % args.club_window
-            club_states[rows], club_actions[rows] = state, critic_actions
-            club_ptr, club_count = (club_ptr + args.num_envs) % args.club_window, club_count + args.num_envs
+            if args.mi_coef > 0:
+                rows = (club_ptr + torch.arange(args.num_envs, device=device)) % args.club_window
+                club_states[rows], club_actions[rows] = state, critic_actions
+                club_ptr, club_count = (club_ptr + args.num_envs) % args.club_window, club_count + args.num_envs
             obs, state, avail = next_obs, next_state, next_avail
             global_step += args.num_envs
 
