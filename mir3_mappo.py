@@ -26,9 +26,10 @@ import envs
 # (paper Fig. 8: too large a λ collapses both cooperation and robustness). Rendezvous: reward about
 # -0.05 (good) to -0.35 (random) per step, Î a few nats; a sweep on 4 agents x 50 steps (64k env
 # steps, seed 1) gave eval returns -11.5 / -10.1 / -10.2 / -13.1 for λ = 0 / 0.01 / 0.1 / 1, so 0.01
-# is a factor 100 below the collapse and equals mir3_maddpg's. Quads (motors): reward about +0.005
+# is a factor 100 below the collapse (mir3_maddpg needs a far smaller λ: its fixed 0.1 exploration
+# noise makes its Gaussian Î hundreds of nats). Quads (motors): reward about +0.005
 # (hovering at the goal) to -0.02 per step; a Gaussian CLUB on the N·4 motor commands gives Î of about
-# 6 nats after 1M steps and 16 after 5M (the default run), growing as the policy std shrinks (Î grows
+# 6 nats after 1M steps and 16 after 5M (a run of the default task), growing as the policy std shrinks (Î grows
 # like Σ_d var(a_d)/σ²); λ = 1e-4 keeps λ·Î (≤ 0.002) small against the reward differences between
 # hovering and drifting (~0.01 per step). Other envs (discrete) use the paper's λ for SMAC (5e-4).
 DEFAULT_MI_COEF = {"quads-same-goal": 1e-4, "quads-swarm-vs-swarm": 1e-4, "rendezvous": 0.01}
@@ -69,7 +70,7 @@ class Args:
     """number of parallel environments"""
 
     # Algorithm
-    total_timesteps: int = 5_000_000
+    total_timesteps: int = 12_000_000
     """total env steps (one step of one env, all agents)"""
     num_steps: int = 128
     """steps per env in each rollout"""
