@@ -181,9 +181,10 @@ class BatchedEnv:
         actions = actions.to(self.device, torch.float32)
         if not bool(torch.isfinite(actions).all()):
             raise ValueError("actions contain NaN or inf")
-        low = torch.as_tensor(self.action_space.low, device=self.device)
-        high = torch.as_tensor(self.action_space.high, device=self.device)
-        return torch.clamp(actions, low, high)
+        if not hasattr(self, "_action_bounds"):  # built once: no host-to-device copy per step
+            self._action_bounds = (torch.as_tensor(self.action_space.low, device=self.device),
+                                   torch.as_tensor(self.action_space.high, device=self.device))
+        return torch.clamp(actions, *self._action_bounds)
 
     def _uniform(self, shape, stream: int) -> torch.Tensor:
         """U[0,1) of shape ``[E, *shape]`` keyed by each env's episode and step counters."""
