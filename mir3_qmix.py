@@ -70,6 +70,8 @@ class Args:
     """gradient steps per finished episode (pymarl: 1)"""
     gamma: float = 0.99
     """the discount factor"""
+    td_lambda: float = 0.0
+    """λ of TD(λ) targets over the sampled episodes (0: pymarl's one-step target)"""
     lr: float = 5e-4
     """Adam learning rate of agent and mixer"""
     hidden_dim: int = 64
@@ -268,6 +270,21 @@ class EpisodeBuffer:
                 "mask": (torch.arange(L, device=self.device)[None, :] < self.length[ep][:, None]).float()}
 
 
+def lambda_returns(reward, terminated, q_next, mask, gamma: float, lam: float):
+    """TD(λ) targets [B, L] of whole episodes: G_t = r_t + γ(1 - term_t)((1 - λ) Q_next_t + λ G_{t+1}),
+    bootstrapping fully from ``q_next`` (Q_tot of the next state) at each episode's last step.
+    λ = 0 gives the one-step target of pymarl's QMIX."""
+    if lam == 0:
+        return reward + gamma * (1 - terminated) * q_next
+    next_valid = torch.cat((mask[:, 1:], torch.zeros_like(mask[:, :1])), 1).bool()
+    targets, g = torch.zeros_like(reward), torch.zeros_like(reward[:, 0])
+    for t in reversed(range(reward.shape[1])):
+        boot = torch.where(next_valid[:, t], (1 - lam) * q_next[:, t] + lam * g, q_next[:, t])
+        g = reward[:, t] + gamma * (1 - terminated[:, t]) * boot
+        targets[:, t] = g
+    return targets
+
+
 def agent_inputs(obs, last_onehot, ids):
     """obs ⊕ one-hot last action ⊕ one-hot agent id, on [..., N, ·]."""
     return torch.cat((obs, last_onehot, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
@@ -410,8 +427,9 @@ if __name__ == "__main__":
     target_mixer.load_state_dict(mixer.state_dict())
     params = list(agent.parameters()) + list(mixer.parameters())
     optimizer = optim.Adam(params, lr=args.lr)
-    club = CLUB(env.state_dim, N, A, True, args.club_hidden_dim).to(device)
-    club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
+    if args.mi_coef > 0:  # with λ = 0 nothing is built, so plain QMIX draws exactly the same random numbers
+        club = CLUB(env.state_dim, N, A, True, args.club_hidden_dim).to(device)
+        club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
 
     rb = EpisodeBuffer(max(args.buffer_size // T, 2 * args.num_envs), T, args.num_envs, N, env.obs_dim,
                        env.state_dim, A, device)
@@ -439,7 +457,8 @@ if __name__ == "__main__":
                 "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
                 "obs_low": obs_low, "obs_high": obs_high,
                 "action_space": space, "global_step": global_step,
-                "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(), "club": club.state_dict()}}
+                "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(),
+                           **({"club": club.state_dict()} if args.mi_coef > 0 else {})}}
 
     def save() -> str:
         path = f"runs/{run_name}/{args.exp_name}.pt"
@@ -468,7 +487,8 @@ if __name__ == "__main__":
                 mi[valid] = club.mi(state[:, :-1][valid], onehot[valid], args.mi_estimator)
             reward = (batch["reward"] - reward_mean) / (reward_var.sqrt() + 1e-8) if args.standardise_rewards \
                 else batch["reward"]
-            target = reward - args.mi_coef * mi + args.gamma * (1 - batch["terminated"]) * q_tot_next
+            target = lambda_returns(reward - args.mi_coef * mi, batch["terminated"], q_tot_next, mask,
+                                    args.gamma, args.td_lambda)
         q_tot = mixer(chosen, state[:, :-1])
         td = (q_tot - target) * mask
         loss = (td**2).sum() / n_valid

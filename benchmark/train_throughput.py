@@ -1,4 +1,4 @@
-"""Training throughput and peak memory of the training scripts, plain backbone vs MIR3.
+"""Training throughput and peak memory of the training scripts, plain backbone vs MIR3 / IBAL.
 
     python benchmark/train_throughput.py                 # every script that exists
     python benchmark/train_throughput.py --scripts mir3_maddpg --steps 60000
@@ -24,11 +24,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUTHORS_SPS = {"mir3_maddpg": (116.0, 94.0)}  # MADDPG / MIR3 on rendezvous (the only ones measured)
 # per script: (env args, learning_starts or None for on-policy, extra args shared by both settings,
-# MIR3 λ (None: the script's default), memory-run steps: enough to fill any replay buffer)
+# flags of the plain backbone, flags of the robust method ([]: the script's defaults), memory-run
+# steps: enough to fill any replay buffer)
 CONFIGS = {
-    "mir3_maddpg": (["--env-id", "rendezvous"], 10_000, ["--replay-ratio", "8"], None, 220_000),
-    "mir3_qmix": (["--env-id", "lbf:Foraging-8x8-2p-2f-coop-v3"], 2_000, [], None, 60_000),
-    "mir3_mappo": (["--env-id", "quads-same-goal"], None, [], None, 100_000),
+    "mir3_maddpg": (["--env-id", "rendezvous"], 10_000, ["--replay-ratio", "8"], ["--mi-coef", "0"], [], 220_000),
+    "mir3_qmix": (["--env-id", "lbf:Foraging-8x8-2p-2f-coop-v3"], 2_000, [], ["--mi-coef", "0"], [], 60_000),
+    "mir3_mappo": (["--env-id", "quads-same-goal"], None, [], ["--mi-coef", "0"], [], 100_000),
+    # IBAL attacks from the start here (no warm-up), so the timed steps include the attacker's cost
+    "ibal_qmix": (["--env-id", "lbf:Foraging-8x8-2p-2f-coop-v3"], 2_000, [], ["--attack-k", "0"],
+                  ["--warmup-fraction", "0"], 60_000),
 }
 
 
@@ -58,24 +62,25 @@ def main():
     cwd = tempfile.mkdtemp(prefix="train_throughput_")
     rows = []
     for script in args.scripts:
-        env_args, starts, extra, mi_coef, memory_steps = CONFIGS[script]
+        env_args, starts, extra, plain_flags, robust_flags, memory_steps = CONFIGS[script]
         common = [*env_args, *extra, *args.extra, "--eval-interval", "0", "--no-save-model"]
         if starts is not None:
             common += ["--learning-starts", str(starts)]
         starts = starts or 0
-        settings = (("plain", ["--mi-coef", "0"]), ("MIR3", [] if mi_coef is None else ["--mi-coef", str(mi_coef)]))
-        sps = {"plain": float("nan"), "MIR3": float("nan")}
-        for name, mi in () if args.memory_only else settings:
-            t_short, _ = run(script, [*common, *mi, "--total-timesteps", str(starts + args.short)], cwd)
-            t_long, _ = run(script, [*common, *mi, "--total-timesteps", str(starts + args.short + args.steps)], cwd)
+        robust = "IBAL" if script.startswith("ibal") else "MIR3"
+        settings = (("plain", plain_flags), (robust, robust_flags))
+        sps = {"plain": float("nan"), robust: float("nan")}
+        for name, flags in () if args.memory_only else settings:
+            t_short, _ = run(script, [*common, *flags, "--total-timesteps", str(starts + args.short)], cwd)
+            t_long, _ = run(script, [*common, *flags, "--total-timesteps", str(starts + args.short + args.steps)], cwd)
             sps[name] = args.steps / (t_long - t_short)
             print(f"{script} {name}: {sps[name]:,.0f} training env steps/s", flush=True)
         peak = None
         if not args.no_memory:
             _, peak = run(script, [*env_args, *args.extra, "--no-save-model", "--total-timesteps", str(memory_steps)], cwd)
-        rows.append((script, sps["plain"], sps["MIR3"], peak))
+        rows.append((script, sps["plain"], sps[robust], peak))
 
-    print(f"\n{'script':14s} {'plain SPS':>10s} {'MIR3 SPS':>10s} {'MIR3 cost':>10s} "
+    print(f"\n{'script':14s} {'plain SPS':>10s} {'robust SPS':>10s} {'cost':>10s} "
           f"{'x authors (plain/MIR3)':>23s} {'peak memory':>12s}")
     for script, plain, mir3, peak in rows:
         ref = AUTHORS_SPS.get(script)
@@ -84,8 +89,8 @@ def main():
         mem = f"{peak / 2**30:.2f} GiB" if peak else "-"
         rates = f"{plain:10,.0f} {mir3:10,.0f} {plain / mir3:9.2f}x" if measured else f"{'-':>10s} {'-':>10s} {'-':>10s}"
         print(f"{script:14s} {rates} {speedup:>23s} {mem:>12s}")
-    print("SPS = training env steps per second (one step of one env, all agents); "
-          "MIR3 cost = plain SPS / MIR3 SPS; peak memory = max RSS of a default run that fills the replay buffer")
+    print("SPS = training env steps per second (one step of one env, all agents); robust = MIR3, or IBAL for "
+          "ibal_qmix; cost = plain SPS / robust SPS; peak memory = max RSS of a default run that fills the replay buffer")
 
 
 if __name__ == "__main__":

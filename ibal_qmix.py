@@ -1,0 +1,894 @@
+# IBAL on a QMIX backbone: interaction-breaking adversarial learning, discrete actions.
+# Lee et al., "Interaction-Breaking Adversarial Learning Framework for Robust MARL", ICML 2026.
+# Every episode a random group G1 of k ~ U{0..K} agents (K ≤ n/2) is cut off from the rest, G2:
+# - observation attack: the L dims of each G1 agent's observation that carry the most information
+#   about G2's actions, Σ_{j∈G2} I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t), are zeroed for the episode;
+# - action attack: with probability P_act per step, G1's actions are rewritten to the ones that
+#   minimise pointwise MI with G2's intended actions, argmin_a log q(a | â^{G2}, τ) - log q(a | τ);
+# - curriculum: P_act ~ U(P_min, P_max) per episode, and P_max <- min(1, α·P_max) whenever the
+#   recent success rate exceeds η, after a warm-up without attacks.
+# Both MI estimators train online. The QMIX loss is unchanged and trains on the perturbed
+# transitions: attacker and env together form an induced Dec-POMDP (the paper's Thm 4.2).
+# The recipe is ../shared/reference/quads_ibal.md §2.3; where it marks a choice [C] (the paper leaves
+# it open) the code below says what we chose and why.
+# The QMIX core is copied from mir3_qmix.py (pymarl QMIX with inputs scaled to [-1, 1] and
+# standardised rewards); with --attack-k 0 this script trains exactly what `mir3_qmix.py --mi-coef 0`
+# trains (tests/test_ibal_qmix.py checks bit-identical weights).
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
+
+ATTACK_TYPES = ("obs", "act", "both")
+LOG_PROB_FLOOR = math.log(1e-4)  # pointwise-MI argmin: ignore differences among near-impossible actions
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    save_model: bool = True
+    """whether to save the checkpoint to `runs/{run_name}/{exp_name}.pt`"""
+    save_interval: int = 0
+    """also save every this many env steps (0: only at the end and on Ctrl-C)"""
+
+    # Environment
+    env_id: str = "lbf:Foraging-8x8-2p-2f-coop-v3"
+    """the id of the environment (see `envs.registered_ids()`); discrete actions only"""
+    n_agents: Optional[int] = None
+    """number of agents of our own tasks (None: the env default)"""
+    episode_limit: Optional[int] = None
+    """episode length of our own tasks (None: the env default)"""
+    num_envs: int = 8
+    """number of parallel environments"""
+
+    # Algorithm
+    total_timesteps: int = 400_000
+    """total env steps (one step of one env, all agents)"""
+    buffer_size: int = 250_000
+    """replay capacity in env steps, stored as whole episodes (5000 LBF episodes)"""
+    batch_size: int = 32
+    """whole episodes per gradient step"""
+    learning_starts: int = 0
+    """env steps before learning starts (learning also waits for --batch-size episodes)"""
+    updates_per_episode: float = 1.0
+    """gradient steps per finished episode (pymarl: 1)"""
+    gamma: float = 0.99
+    """the discount factor"""
+    lr: float = 5e-4
+    """Adam learning rate of agent and mixer"""
+    hidden_dim: int = 64
+    """GRU width of the agent"""
+    mixer_embed_dim: int = 32
+    """width of the mixing network"""
+    hypernet_dim: int = 64
+    """hidden width of the hypernetworks"""
+    target_update_interval: int = 200
+    """gradient steps between hard target copies (= episodes with --updates-per-episode 1, as pymarl)"""
+    epsilon_start: float = 1.0
+    """initial ε of ε-greedy exploration"""
+    epsilon_finish: float = 0.05
+    """final ε"""
+    epsilon_anneal_steps: int = 50_000
+    """env steps over which ε decays linearly"""
+    max_grad_norm: float = 10.0
+    """global gradient-norm clip"""
+    standardise_rewards: bool = True
+    """divide rewards by their running std and subtract the mean in the TD target (epymarl on LBF)"""
+
+    # IBAL
+    attack_k: Optional[int] = None
+    """K: the attacked group has k ~ U{0..K} agents (None: max(1, n // 2); 0: no attacks, plain QMIX)"""
+    mask_dims: Optional[int] = None
+    """L: observation dims zeroed per attacked agent (None: ceil(0.1 * obs_dim))"""
+    attack_types: str = "both"
+    """which attacks run: obs, act or both (the paper's ablations)"""
+    p_max_init: float = 0.5
+    """initial upper bound P_max of the per-episode action-attack probability"""
+    p_min: Optional[float] = None
+    """lower bound of P_act ~ U(P_min, P_max) (None: min(1/K, P_max), the paper's 1/K kept below P_max)"""
+    alpha: float = 1.2
+    """curriculum factor: P_max <- min(1, α·P_max) when the success rate exceeds η"""
+    eta: float = 0.8
+    """success-rate threshold of the curriculum"""
+    success_window: int = 200
+    """episodes (played after the warm-up) over which the success rate is measured"""
+    warmup_fraction: float = 0.4
+    """fraction of --total-timesteps trained without attacks (the estimators learn throughout)"""
+    mask_value: float = 0.0
+    """value written into masked observation dims, in env units"""
+    estimator_lr: float = 3e-4
+    """Adam learning rate of both MI estimators"""
+    obs_model_hidden_dim: int = 256
+    """hidden width of q_φ(o^i_{t+1} | s, o^i, a^i, a^j)"""
+    act_model_hidden_dim: int = 128
+    """hidden width of q_ψ(a^i | s, o^i, shown teammate actions)"""
+    estimator_batch_size: int = 512
+    """(transition, agent pair) rows per estimator step"""
+    estimator_window: int = 20_000
+    """the estimators train on the most recent this many env steps"""
+    score_ema: float = 0.99
+    """EMA factor of the per-(i, j, dim) MI score table M"""
+    attack_p_act: float = 0.5
+    """P_act of the attacked evaluation and of the attack on a checkpoint (with k = K)"""
+    attack_fit_steps: int = 50_000
+    """attack on a checkpoint: env steps of the victim's clean play the estimators are fitted on"""
+    attack_fit_updates: int = 2_000
+    """attack on a checkpoint: estimator steps on those rollouts"""
+
+    # Evaluation
+    eval_interval: int = 20_000
+    """env steps between greedy evaluations, clean and attacked (0: never)"""
+    eval_episodes: int = 32
+    """episodes per evaluation (run in parallel)"""
+
+
+class RNNAgent(nn.Module):
+    """Shared agent: fc(in, H) -> ReLU -> GRUCell(H) -> fc(H, A), Q-value per action."""
+
+    def __init__(self, in_dim: int, n_actions: int, hidden_dim: int):
+        super().__init__()
+        self.hidden_dim = hidden_dim
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.rnn = nn.GRUCell(hidden_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, n_actions)
+
+    def forward(self, x, h):
+        """x [..., in], h [..., H] -> q [..., A], h [..., H]."""
+        z = F.relu(self.fc1(x))
+        h = self.rnn(z.reshape(-1, self.hidden_dim), h.reshape(-1, self.hidden_dim)).view(h.shape)
+        return self.fc2(h), h
+
+    def unroll(self, x):
+        """Q-values [B, T, N, A] of sequences x [B, T, N, in]; the GRU starts from zeros at t = 0."""
+        h = torch.zeros(*x.shape[:1], *x.shape[2:-1], self.hidden_dim, device=x.device)
+        qs = []
+        for t in range(x.shape[1]):
+            q, h = self(x[:, t], h)
+            qs.append(q)
+        return torch.stack(qs, 1)
+
+
+class QMixer(nn.Module):
+    """Monotonic mixer: Q_tot = |W2(s)|ᵀ ELU(|W1(s)|ᵀ q + b1(s)) + V(s), weights from hypernetworks."""
+
+    def __init__(self, state_dim: int, n_agents: int, embed_dim: int, hypernet_dim: int):
+        super().__init__()
+        self.n_agents, self.embed_dim = n_agents, embed_dim
+        self.hyper_w1 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(),
+                                      nn.Linear(hypernet_dim, n_agents * embed_dim))
+        self.hyper_b1 = nn.Linear(state_dim, embed_dim)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hypernet_dim), nn.ReLU(), nn.Linear(hypernet_dim, embed_dim))
+        self.value = nn.Sequential(nn.Linear(state_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, 1))
+
+    def forward(self, q, state):
+        """q [..., N] agent Q-values, state [..., S] -> Q_tot [...]."""
+        w1 = self.hyper_w1(state).abs().view(*q.shape, self.embed_dim)
+        hidden = F.elu((q.unsqueeze(-2) @ w1).squeeze(-2) + self.hyper_b1(state))
+        return (hidden * self.hyper_w2(state).abs()).sum(-1) + self.value(state).squeeze(-1)
+
+
+
+class EpisodeBuffer:
+    """Replay of whole episodes, written step by step by ``num_envs`` parallel envs.
+
+    Every env writes into its own slot of a ring of ``capacity`` preallocated episodes of
+    ``episode_limit + 1`` steps; a slot becomes sampleable when its episode ends, and the env
+    moves on to the next slot of the ring. Step t holds obs/state/avail before action t and
+    index length holds the last observation (what a truncated episode bootstraps from).
+    Actions are stored as indices [C, T, N].
+    """
+
+    def __init__(self, capacity, episode_limit, num_envs, n_agents, obs_dim, state_dim, n_actions, device):
+        if capacity < 2 * num_envs:
+            raise ValueError(f"replay buffer of {capacity} episodes is too small for {num_envs} envs")
+        C, T, N = capacity, episode_limit, n_agents
+        self.capacity, self.device = C, device
+        self.obs = torch.zeros(C, T + 1, N, obs_dim, device=device)
+        self.state = torch.zeros(C, T + 1, state_dim, device=device)
+        self.avail = torch.ones(C, T + 1, N, n_actions, dtype=torch.bool, device=device)
+        self.actions = torch.zeros(C, T, N, dtype=torch.int64, device=device)
+        self.reward = torch.zeros(C, T, device=device)
+        self.terminated = torch.zeros(C, T, device=device)
+        self.length = torch.zeros(C, dtype=torch.int64, device=device)  # 0 while being written
+        self.slot = torch.arange(num_envs, device=device)
+        self.t = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        self.next_slot = num_envs
+
+    def add(self, obs, state, avail, action, reward, terminated, done, next_obs, next_state, next_avail):
+        s, t = self.slot, self.t
+        self.obs[s, t], self.obs[s, t + 1] = obs, next_obs
+        self.state[s, t], self.state[s, t + 1] = state, next_state
+        self.avail[s, t], self.avail[s, t + 1] = avail, next_avail
+        self.actions[s, t], self.reward[s, t], self.terminated[s, t] = action, reward, terminated.float()
+        self.t += 1
+        if bool(done.any()):
+            self.length[s[done]] = self.t[done]
+            new = (self.next_slot + torch.arange(int(done.sum()), device=self.device)) % self.capacity
+            if bool(torch.isin(new, s[~done]).any()):
+                raise RuntimeError("replay buffer too small: raise --buffer-size or lower --num-envs")
+            self.length[new] = 0
+            self.slot[done], self.t[done] = new, 0
+            self.next_slot += len(new)
+
+    def num_episodes(self) -> int:
+        return int((self.length > 0).sum())
+
+    def sample(self, batch_size: int):
+        """Random complete episodes cut to the longest: [B, L+1, ...] for obs/state/avail, [B, L, ...]
+        for the rest, and ``mask`` [B, L] of the steps that belong to the episode."""
+        valid = (self.length > 0).nonzero(as_tuple=True)[0]
+        ep = valid[torch.randint(len(valid), (batch_size,), device=self.device)]
+        L = int(self.length[ep].max())
+        return {"obs": self.obs[ep, :L + 1], "state": self.state[ep, :L + 1], "avail": self.avail[ep, :L + 1],
+                "actions": self.actions[ep, :L], "reward": self.reward[ep, :L], "terminated": self.terminated[ep, :L],
+                "mask": (torch.arange(L, device=self.device)[None, :] < self.length[ep][:, None]).float()}
+
+
+def agent_inputs(obs, last_onehot, ids):
+    """obs ⊕ one-hot last action ⊕ one-hot agent id, on [..., N, ·]."""
+    return torch.cat((obs, last_onehot, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
+
+
+def unit_box(low, high, device):
+    """(center, half-width) mapping [low, high] onto [-1, 1]; identity without bounds."""
+    if low is None:
+        return torch.zeros((), device=device), torch.ones((), device=device)
+    low, high = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in (low, high))
+    return (high + low) / 2, ((high - low) / 2).clamp(min=1e-6)
+
+
+class Policy:
+    """Greedy (ε-greedy in training) QMIX policy; ``load_policy`` returns a frozen one.
+
+    ``hidden`` is one tensor [E, N, H + A]: the GRU state ⊕ the one-hot of the agent's last action.
+    All zeros is the start of an episode (pymarl also feeds a zero "last action" at t = 0), so
+    callers zero the rows of envs that finish: ``hidden * (~done).view(-1, 1, 1)``.
+    ``obs_low``/``obs_high``: the env's observation bounds, if it has any; observations are mapped
+    onto [-1, 1] before they reach the agent (``scale_obs``).
+    """
+
+    def __init__(self, agent: RNNAgent, n_agents: int, n_actions: int, obs_low=None, obs_high=None):
+        self.agent, self.n_agents, self.n_actions = agent, n_agents, n_actions
+        self.device = next(agent.parameters()).device
+        self.ids = torch.eye(n_agents, device=self.device)
+        self.obs_center, self.obs_half = unit_box(obs_low, obs_high, self.device)
+
+    def scale_obs(self, obs):
+        return (obs - self.obs_center) / self.obs_half
+
+    def init_hidden(self, num_envs: int):
+        return torch.zeros(num_envs, self.n_agents, self.agent.hidden_dim + self.n_actions, device=self.device)
+
+    @torch.no_grad()
+    def act(self, obs, avail, hidden, epsilon: float = 0.0):
+        if hidden is None:
+            hidden = self.init_hidden(obs.shape[0])
+        h, last = hidden.split([self.agent.hidden_dim, self.n_actions], -1)
+        q, h = self.agent(agent_inputs(self.scale_obs(obs), last, self.ids), h)
+        actions = q.masked_fill(~avail, -float("inf")).argmax(-1)
+        if epsilon > 0:  # uniform over available actions with probability ε
+            random = torch.multinomial(avail.flatten(0, -2).float(), 1).view(actions.shape)
+            actions = torch.where(torch.rand(actions.shape, device=q.device) < epsilon, random, actions)
+        return actions, torch.cat((h, F.one_hot(actions, self.n_actions).float()), -1)
+
+
+def action_space_dict(space) -> dict:
+    if space.__class__.__name__ == "Discrete":
+        return {"type": "discrete", "n": int(space.n)}
+    return {"type": "box", "shape": list(space.shape), "low": space.low.tolist(), "high": space.high.tolist()}
+
+
+def executed_as_last_action(hidden, actions, n_actions: int):
+    """Put the executed actions [E, N] into the last-action slot of a QMIX ``hidden`` [E, N, H + A].
+
+    [C] The agents' last-action input is what was executed, not what they intended: the replay
+    buffer stores executed actions and the update unrolls the GRU on them, so acting must match.
+    """
+    return torch.cat((hidden[..., :-n_actions], F.one_hot(actions, n_actions).float()), -1)
+
+
+class ObsModel(nn.Module):
+    """q_φ(o^i_{t+1} | z, a^j, j), z = (s_t, o^i_t, a^i_t, i): a diagonal Gaussian over the standardised
+    next observation of agent i. One network serves every ordered pair (i, j).
+
+    [C] (s_t, o^i_t) stands in for the history τ_t: it keeps the estimator independent of the agent
+    network and stationary while the agent learns.
+    """
+
+    def __init__(self, state_dim: int, obs_dim: int, n_agents: int, n_actions: int, hidden_dim: int):
+        super().__init__()
+        in_dim = state_dim + obs_dim + 2 * (n_actions + n_agents)
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.ReLU(), nn.Linear(hidden_dim, 2 * obs_dim))
+
+    def log_prob(self, x, target):
+        """Per-dim Gaussian log-density [..., D] of ``target`` given inputs ``x``; the -log σ term is
+        kept because σ depends on the conditioning action."""
+        mu, logvar = self.net(x).chunk(2, -1)
+        logvar = logvar.clamp(-6.0, 2.0)
+        return -0.5 * ((target - mu) ** 2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi))
+
+
+class ActionModel(nn.Module):
+    """q_ψ(a^i | s_t, o^i_t, i, m ⊙ a^{-i}_t, m): agent i's action given the teammates it is shown.
+
+    One network is both the marginal q(a^i | τ) (m = 0) and the conditional q(a^i | â^{G2}, τ)
+    (m = G2): it is trained with random visibility masks m.
+    """
+
+    def __init__(self, state_dim: int, obs_dim: int, n_agents: int, n_actions: int, hidden_dim: int):
+        super().__init__()
+        in_dim = state_dim + obs_dim + n_agents + n_agents * n_actions + n_agents
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.ReLU(), nn.Linear(hidden_dim, n_actions))
+
+    def log_prob(self, x, avail):
+        """Log-probabilities [..., A] over the available actions (unavailable ones get ≈ -1e9)."""
+        return F.log_softmax(self.net(x).masked_fill(~avail, -1e9), -1)
+
+
+class AttackSchedule:
+    """IBAL's curriculum. ``record`` the successes of finished episodes; once ``window`` of them are
+    in, P_max <- min(1, α·P_max) if their success rate exceeds η.
+
+    [C] The window restarts after each raise (a cooldown): one good stretch of episodes raises
+    P_max once, and the next raise is earned against the harder attack.
+    """
+
+    def __init__(self, p_max: float, alpha: float, eta: float, window: int):
+        self.p_max, self.alpha, self.eta, self.window = p_max, alpha, eta, window
+        self.recent = []
+
+    def record(self, successes) -> bool:
+        """Add episode outcomes (bools); returns True when P_max was raised."""
+        self.recent = (self.recent + [bool(s) for s in successes])[-self.window:]
+        if len(self.recent) >= self.window and np.mean(self.recent) > self.eta:
+            self.p_max, self.recent = min(1.0, self.alpha * self.p_max), []
+            return True
+        return False
+
+    def success_rate(self) -> float:
+        return float(np.mean(self.recent)) if self.recent else float("nan")
+
+
+class InteractionBreaker:
+    """The interaction-breaking attacker: both estimators, the MI score table and the two attacks.
+
+    ``observe`` keeps the last ``window`` env steps (unmasked observations, intended and executed
+    actions); ``train_step`` fits q_φ and q_ψ on one batch and refreshes the score table
+    M[i, j, d] ≈ I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t); ``plan`` draws the per-episode attack
+    (G1, P_act, observation mask) for a batch of envs; ``mask_obs`` and ``attack_actions`` apply it.
+    All randomness comes from its own generator, so the attacker never shifts the learner's stream.
+    ``obs_box``/``state_box``: (center, half-width) that map observations and state onto [-1, 1].
+    """
+
+    def __init__(self, n_agents, obs_dim, state_dim, n_actions, args: Args, obs_box, state_box, device,
+                 seed: int, window: Optional[int] = None):
+        N, D, S, A = n_agents, obs_dim, state_dim, n_actions
+        self.N, self.D, self.A, self.device, self.args = N, D, A, device, args
+        self.obs_box, self.state_box = obs_box, state_box
+        self.mask_dims = math.ceil(0.1 * D) if args.mask_dims is None else args.mask_dims
+        self.use_obs, self.use_act = args.attack_types in ("obs", "both"), args.attack_types in ("act", "both")
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # initialise without touching the global stream
+            torch.manual_seed(seed)
+            self.obs_model = ObsModel(S, D, N, A, args.obs_model_hidden_dim).to(device)
+            self.act_model = ActionModel(S, D, N, A, args.act_model_hidden_dim).to(device)
+        self.obs_opt = optim.Adam(self.obs_model.parameters(), lr=args.estimator_lr)
+        self.act_opt = optim.Adam(self.act_model.parameters(), lr=args.estimator_lr)
+        self.scores = torch.zeros(N, N, D, device=device)  # M[i, j, d], EMA of pointwise scores
+        W = args.estimator_window if window is None else window
+        self.window, self.ptr, self.count = W, 0, 0
+        self.w_state = torch.zeros(W, S, device=device)
+        self.w_obs = torch.zeros(W, N, D, device=device)
+        self.w_next = torch.zeros(W, N, D, device=device)
+        self.w_intended = torch.zeros(W, N, dtype=torch.int64, device=device)
+        self.w_executed = torch.zeros(W, N, dtype=torch.int64, device=device)
+        self.w_avail = torch.ones(W, N, A, dtype=torch.bool, device=device)
+        # running statistics of o_{t+1}: the Gaussian fits a standardised target
+        self.next_mean, self.next_var, self.next_count = torch.zeros(D, device=device), torch.ones(D, device=device), 1e-4
+        self.ids, self.eye_a = torch.eye(N, device=device), torch.eye(A, device=device)
+
+    def _rand(self, *shape, gen=None):
+        return torch.rand(shape, generator=gen or self.gen, device=self.device)
+
+    def _randint(self, high: int, *shape, gen=None):
+        return torch.randint(high, shape, generator=gen or self.gen, device=self.device)
+
+    def _scale(self, obs, state):
+        return (obs - self.obs_box[0]) / self.obs_box[1], (state - self.state_box[0]) / self.state_box[1]
+
+    @torch.no_grad()
+    def observe(self, state, obs, next_obs, intended, executed, avail):
+        """Store one env step of every env: raw (unmasked) obs and the last obs of that step."""
+        E = state.shape[0]
+        rows = (self.ptr + torch.arange(E, device=self.device)) % self.window
+        obs_s, state_s = self._scale(obs, state)
+        self.w_state[rows], self.w_obs[rows], self.w_next[rows] = state_s, obs_s, next_obs
+        self.w_intended[rows], self.w_executed[rows], self.w_avail[rows] = intended, executed, avail
+        self.ptr, self.count = (self.ptr + E) % self.window, self.count + E
+        x = next_obs.reshape(-1, self.D)
+        n, delta = self.next_count + x.shape[0], x.mean(0) - self.next_mean
+        self.next_var = (self.next_var * self.next_count + x.var(0, unbiased=False) * x.shape[0]
+                         + delta**2 * self.next_count * x.shape[0] / n) / n
+        self.next_mean, self.next_count = self.next_mean + delta * x.shape[0] / n, n
+
+    def ready(self) -> bool:
+        return self.count >= self.args.estimator_batch_size and self.N > 1
+
+    def _act_inputs(self, state, obs, agent, shown_actions, shown):
+        """q_ψ inputs [B, in] for agent indices ``agent`` [B], showing ``shown_actions`` [B, N] where ``shown`` [B, N]."""
+        visible = F.one_hot(shown_actions, self.A).float() * shown.unsqueeze(-1)
+        return torch.cat((state, obs, self.ids[agent], visible.flatten(1), shown.float()), -1)
+
+    def train_step(self) -> dict:
+        """One step of each estimator on a fresh batch, then the EMA refresh of M from that batch."""
+        B, N, A = self.args.estimator_batch_size, self.N, self.A
+        idx = self._randint(min(self.count, self.window), B)
+        i = self._randint(N, B)
+        j = (i + 1 + self._randint(N - 1, B)) % N  # uniform over j ≠ i
+        state, obs_i = self.w_state[idx], self.w_obs[idx, i]
+        executed = self.w_executed[idx]
+        a_i, a_j = executed.gather(1, i[:, None]).squeeze(1), executed.gather(1, j[:, None]).squeeze(1)
+        target = (self.w_next[idx, i] - self.next_mean) / self.next_var.sqrt().clamp(min=1e-3)
+        z = torch.cat((state, obs_i, self.eye_a[a_i], self.ids[i]), -1)
+        # observation model: maximum likelihood on executed actions (the dynamics are real even
+        # in attacked episodes, so every stored step is valid data)
+        x = torch.cat((z, self.eye_a[a_j], self.ids[j]), -1)
+        obs_loss = -self.obs_model.log_prob(x, target).sum(-1).mean()
+        self.obs_opt.zero_grad()
+        obs_loss.backward()
+        self.obs_opt.step()
+        with torch.no_grad():
+            # pointwise score per dim: log q(o'_d | z, a^j) - mean over available ã of log q(o'_d | z, ã)
+            # [C] a uniform proposal over avail^j instead of p(a^j | τ): the greedy policy makes the
+            # latter almost deterministic, which would hide what a^j could change
+            xa = torch.cat((z[:, None].expand(-1, A, -1), self.eye_a.expand(B, A, A),
+                            self.ids[j][:, None].expand(-1, A, -1)), -1)
+            lp = self.obs_model.log_prob(xa, target[:, None])  # [B, A, D]
+            avail_j = self.w_avail[idx, j].float()
+            negative = (lp * avail_j[..., None]).sum(1) / avail_j.sum(1, keepdim=True)
+            c = lp.gather(1, a_j[:, None, None].expand(-1, 1, self.D)).squeeze(1) - negative
+            pair = i * N + j
+            sums = torch.zeros(N * N, self.D, device=self.device).index_add_(0, pair, c)
+            counts = torch.bincount(pair, minlength=N * N).float()
+            seen = counts > 0
+            flat = self.scores.view(N * N, self.D)
+            beta = self.args.score_ema
+            flat[seen] = beta * flat[seen] + (1 - beta) * sums[seen] / counts[seen, None]
+        # action model: cross-entropy on the intended actions (the team's coordination, not the
+        # attack's), each teammate shown with probability 1/2 and none shown a quarter of the time
+        shown = (self._rand(B, N) < 0.5) & (self._rand(B, 1) >= 0.25)
+        shown[torch.arange(B, device=self.device), i] = False
+        intended = self.w_intended[idx]
+        xin = self._act_inputs(state, obs_i, i, intended, shown)
+        logp = self.act_model.log_prob(xin, self.w_avail[idx, i])
+        act_loss = -logp.gather(1, intended.gather(1, i[:, None])).mean()
+        self.act_opt.zero_grad()
+        act_loss.backward()
+        self.act_opt.step()
+        return {"ibal/obs_model_loss": obs_loss.item(), "ibal/action_model_loss": act_loss.item(),
+                "ibal/obs_mi_score_max": self.scores.max().item()}
+
+    @torch.no_grad()
+    def plan(self, num_envs: int, k_range, p_range, old: Optional[dict] = None, done=None, gen=None) -> dict:
+        """Draw each env's attack for a new episode: k ~ U{k_range}, G1 a random k-subset, P_act ~
+        U(p_range) and, for every G1 agent i, the top-L dims of Σ_{j∈G2} max(M[i, j, ·], 0) to mask.
+        With ``old`` and ``done`` [E], only the envs that finished get a new draw. ``gen``: a
+        generator to draw from instead of the training stream (evaluation)."""
+        E, N = num_envs, self.N
+        k = k_range[0] + self._randint(k_range[1] - k_range[0] + 1, E, gen=gen)
+        rank = self._rand(E, N, gen=gen).argsort(1).argsort(1)
+        g1 = rank < k[:, None]
+        p_act = p_range[0] + (p_range[1] - p_range[0]) * self._rand(E, gen=gen)
+        obs_mask = torch.zeros(E, N, self.D, dtype=torch.bool, device=self.device)
+        if self.use_obs and self.mask_dims > 0:
+            # [C] the mask is fixed for the episode: the score is an expectation, not a per-step quantity
+            per_dim = torch.einsum("ijd,ej->eid", self.scores.clamp(min=0), (~g1).float())
+            top = per_dim.topk(self.mask_dims, -1).indices
+            obs_mask.scatter_(-1, top, True)
+            obs_mask &= g1[..., None]
+        new = {"g1": g1, "p_act": p_act, "obs_mask": obs_mask}
+        if old is None:
+            return new
+        d = done.view(-1, 1)
+        return {"g1": torch.where(d, g1, old["g1"]), "p_act": torch.where(done, p_act, old["p_act"]),
+                "obs_mask": torch.where(d[..., None], obs_mask, old["obs_mask"])}
+
+    def mask_obs(self, obs, plan: dict):
+        """What the agents see: the planned dims of G1's observations set to --mask-value."""
+        return obs.masked_fill(plan["obs_mask"], self.args.mask_value)
+
+    @torch.no_grad()
+    def attack_actions(self, obs, state, intended, avail, plan: dict, gen=None):
+        """With probability P_act (one draw per env step, shared by G1) replace G1's intended actions
+        by argmin_a [log q(a | â^{G2}, τ) - log q(a | τ)], per agent.
+
+        [C] G1 is assumed to factorise given (â^{G2}, τ), so the joint argmin splits per agent.
+        Returns (executed actions [E, N], mean KL(q(·|â^{G2}, τ) ‖ q(·|τ)) over G1 agents or nan).
+        """
+        g1 = plan["g1"]
+        if not self.use_act or not bool(g1.any()):
+            return intended, float("nan")
+        E, N = g1.shape
+        fire = self._rand(E, gen=gen) < plan["p_act"]
+        obs_s, state_s = self._scale(obs, state)
+        agent = torch.arange(N, device=self.device).repeat(E)
+        state_r, obs_r = state_s.repeat_interleave(N, 0), obs_s.reshape(E * N, -1)
+        shown_actions = intended.repeat_interleave(N, 0)
+        g2 = (~g1).repeat_interleave(N, 0)  # every agent i is shown G2 (G1 agents are never in G2)
+        av = avail.reshape(E * N, -1)
+        log_cond = self.act_model.log_prob(self._act_inputs(state_r, obs_r, agent, shown_actions, g2), av)
+        log_marg = self.act_model.log_prob(self._act_inputs(state_r, obs_r, agent, shown_actions, torch.zeros_like(g2)), av)
+        pmi = log_cond.clamp(min=LOG_PROB_FLOOR) - log_marg.clamp(min=LOG_PROB_FLOOR)
+        best = pmi.masked_fill(~av, float("inf")).argmin(-1).view(E, N)
+        executed = torch.where(g1 & fire[:, None], best, intended)
+        kl = (log_cond.exp() * (log_cond - log_marg)).sum(-1).view(E, N)
+        return executed, kl[g1].mean().item()
+
+    def state_dict(self) -> dict:
+        return {"obs_model": self.obs_model.state_dict(), "action_model": self.act_model.state_dict(),
+                "scores": self.scores.clone()}
+
+
+def group_cap(attack_k: Optional[int], n_agents: int) -> int:
+    """K, the largest attacked group: --attack-k, or max(1, n // 2) (|G1| ≤ n/2 keeps G2 the majority)."""
+    return max(1, n_agents // 2) if attack_k is None else attack_k
+
+
+def load_policy(checkpoint: dict, device="cpu") -> Policy:
+    """Rebuild the frozen greedy defender of an ``ibal_qmix`` checkpoint (a dict from torch.load)."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("script") != "ibal_qmix":
+        found = checkpoint.get("script") if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"not an ibal_qmix checkpoint (script: {found!r})")
+    try:
+        args, space, n_agents = checkpoint["args"], checkpoint["action_space"], checkpoint["n_agents"]
+        if space["type"] != "discrete":
+            raise KeyError("action_space is not discrete")
+        agent = RNNAgent(checkpoint["obs_dim"] + space["n"] + n_agents, space["n"], args["hidden_dim"]).to(device)
+        agent.load_state_dict(checkpoint["models"]["agent"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"unusable ibal_qmix checkpoint: {type(e).__name__}: {e}") from None
+    return Policy(agent.eval().requires_grad_(False), n_agents, space["n"], checkpoint.get("obs_low"),
+                  checkpoint.get("obs_high"))
+
+
+@torch.no_grad()
+def evaluate(policy, env, breaker: Optional[InteractionBreaker] = None, k: int = 0, p_act: float = 0.0,
+             seed: int = 0) -> tuple:
+    """Run one greedy episode in each of ``env.num_envs`` envs; returns (returns, successes) [E].
+
+    With ``breaker``: every episode is attacked with |G1| = k and P_act = ``p_act``, drawn from a
+    generator seeded with ``seed`` (the breaker's own stream, which training uses, is left untouched).
+    """
+    gen = torch.Generator(device=env.device).manual_seed(seed)
+    obs, state, avail = env.reset()
+    hidden = policy.init_hidden(env.num_envs)
+    plan = breaker.plan(env.num_envs, (k, k), (p_act, p_act), gen=gen) if breaker is not None else None
+    returns = torch.zeros(env.num_envs, device=env.device)
+    success = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
+    running = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)
+    while bool(running.any()):
+        seen = breaker.mask_obs(obs, plan) if breaker is not None else obs
+        actions, hidden = policy.act(seen, avail, hidden)
+        if breaker is not None:
+            actions, _ = breaker.attack_actions(obs, state, actions, avail, plan, gen)
+            hidden = executed_as_last_action(hidden, actions, env.n_actions)
+        obs, state, avail, reward, terminated, truncated, info = env.step(actions)
+        returns += reward * running
+        done = (terminated | truncated) & running
+        success |= info["success"] & done
+        running &= ~done
+    return returns, success
+
+
+def input_boxes(env, device):
+    """(center, half-width) of obs and state: the env's observation bounds, if any (the state of
+    LBF, the only env with bounds, is the concatenation of the agents' observations)."""
+    obs_low, obs_high = getattr(env, "obs_low", None), getattr(env, "obs_high", None)
+    if obs_low is not None:
+        obs_low, obs_high = obs_low.tolist(), obs_high.tolist()
+    state_bounds = obs_low is not None and env.state_dim == env.n_agents * env.obs_dim
+    return (obs_low, obs_high), unit_box(obs_low, obs_high, device), \
+        unit_box(obs_low * env.n_agents if state_bounds else None, obs_high * env.n_agents if state_bounds else None, device)
+
+
+def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tuple:
+    """IBAL's interaction-breaking attack on a frozen QMIX defender (``attack_worstcase.py
+    --interaction-breaking`` calls this for mir3_qmix and ibal_qmix checkpoints).
+
+    Fresh estimators are fitted to this victim: ``--attack-fit-steps`` env steps of its own clean
+    play (ε = --epsilon-finish, so that q_φ also sees off-policy actions), then
+    ``--attack-fit-updates`` estimator steps. Then one greedy episode per env of ``env`` with
+    |G1| = K, the top-L dims masked and P_act = ``--attack-p-act``. The knobs come from an ibal_qmix
+    checkpoint's args, else from this script's defaults. Returns (returns [E], success [E]).
+    """
+    saved = checkpoint.get("args", {}) if checkpoint.get("script") == "ibal_qmix" else {}
+    names = {f.name for f in fields(Args)}
+    args = Args(**{k: v for k, v in saved.items() if k in names})
+    device = env.device
+    fit_env = envs.make(checkpoint["env_id"], num_envs=args.num_envs, seed=seed + 200_000, device=device,
+                        **checkpoint.get("env_kwargs", {}))
+    _, obs_box, state_box = input_boxes(fit_env, device)
+    K = group_cap(args.attack_k, env.n_agents) or group_cap(None, env.n_agents)  # a K = 0 run is attacked with the default K
+    breaker = InteractionBreaker(env.n_agents, env.obs_dim, env.state_dim, env.n_actions, args, obs_box, state_box,
+                                 device, seed, window=args.attack_fit_steps)
+    # the victim's ε-greedy draws come from the global stream: fork it, so that the same seed gives
+    # the same attack whatever the caller did before, and the caller's stream is left as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        obs, state, avail = fit_env.reset()
+        hidden = policy.init_hidden(fit_env.num_envs)
+        for _ in range(math.ceil(args.attack_fit_steps / fit_env.num_envs)):
+            actions, hidden = policy.act(obs, avail, hidden, args.epsilon_finish)
+            next_obs, next_state, next_avail, _, terminated, truncated, info = fit_env.step(actions)
+            breaker.observe(state, obs, info["final_obs"], actions, actions, avail)
+            done = terminated | truncated
+            hidden = hidden * (~done).view(-1, 1, 1)
+            obs, state, avail = next_obs, next_state, next_avail
+    fit_env.close()
+    for _ in range(args.attack_fit_updates):
+        breaker.train_step()
+    return evaluate(policy, env, breaker, K, args.attack_p_act, seed)
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
+                 "target_update_interval", "estimator_batch_size", "estimator_window", "success_window",
+                 "obs_model_hidden_dim", "act_model_hidden_dim", "attack_fit_steps"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.updates_per_episode <= 0:
+        fail(f"--updates-per-episode must be > 0, got {args.updates_per_episode}")
+    if args.attack_fit_updates < 0:
+        fail(f"--attack-fit-updates must be >= 0, got {args.attack_fit_updates}")
+    if args.attack_types not in ATTACK_TYPES:
+        fail(f"--attack-types must be one of {', '.join(ATTACK_TYPES)}, got {args.attack_types!r}")
+    for name in ("p_max_init", "eta", "warmup_fraction", "attack_p_act") + (("p_min",) if args.p_min is not None else ()):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+    if args.alpha < 1:
+        fail(f"--alpha must be >= 1 (P_max only grows), got {args.alpha}")
+    if not 0 <= args.score_ema < 1:
+        fail(f"--score-ema must lie in [0, 1), got {args.score_ema}")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
+    try:
+        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
+        if not env.is_discrete:
+            fail(f"ibal_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
+                 f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete)")
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
+                             device=device, **env_kwargs)
+    except (ValueError, ImportError) as e:
+        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    N, T, A = env.n_agents, env.episode_limit, env.n_actions
+    K = group_cap(args.attack_k, N)
+    if not 0 <= K <= N // 2:
+        fail(f"--attack-k must lie in [0, {N // 2}] for {N} agents (|G1| ≤ n/2), got {K}")
+    if args.mask_dims is not None and not 0 <= args.mask_dims <= env.obs_dim:
+        fail(f"--mask-dims must lie in [0, {env.obs_dim}] (the observation size), got {args.mask_dims}")
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    # ALGO LOGIC: initialize agent here
+    ids = torch.eye(N, device=device)
+    in_dim = env.obs_dim + A + N
+    agent, target_agent = RNNAgent(in_dim, A, args.hidden_dim).to(device), RNNAgent(in_dim, A, args.hidden_dim).to(device)
+    mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
+    target_mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
+    target_agent.load_state_dict(agent.state_dict())
+    target_mixer.load_state_dict(mixer.state_dict())
+    params = list(agent.parameters()) + list(mixer.parameters())
+    optimizer = optim.Adam(params, lr=args.lr)
+
+    rb = EpisodeBuffer(max(args.buffer_size // T, 2 * args.num_envs), T, args.num_envs, N, env.obs_dim,
+                       env.state_dim, A, device)
+    reward_mean, reward_var, reward_count = torch.zeros((), device=device), torch.ones((), device=device), 1e-4
+
+    space = action_space_dict(env.action_space)
+    # LBF observations are raw grid coordinates: map obs and state onto [-1, 1] (see mir3_qmix.py)
+    (obs_low, obs_high), obs_box, (state_center, state_half) = input_boxes(env, device)
+    policy = Policy(agent, N, A, obs_low, obs_high)
+    # the attacker (absent with K = 0: then nothing below differs from plain QMIX)
+    breaker = InteractionBreaker(N, env.obs_dim, env.state_dim, A, args, obs_box, (state_center, state_half),
+                                 device, args.seed + 1) if K > 0 else None
+    schedule = AttackSchedule(args.p_max_init, args.alpha, args.eta, args.success_window)
+    warmup_steps = int(args.warmup_fraction * args.total_timesteps)
+
+    def p_range() -> tuple:
+        # [C] the paper's P_act ~ U(1/K, P_max), with the lower end kept ≤ P_max so it never inverts
+        low = 1.0 / K if args.p_min is None else args.p_min
+        return min(low, schedule.p_max), schedule.p_max
+
+    def checkpoint() -> dict:
+        models = {"agent": agent.state_dict(), "mixer": mixer.state_dict()}
+        if breaker is not None:
+            models["attacker"] = breaker.state_dict()
+        return {"script": "ibal_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
+                "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
+                "obs_low": obs_low, "obs_high": obs_high, "action_space": space, "global_step": global_step,
+                "p_max": schedule.p_max, "models": models}
+
+    def save() -> str:
+        path = f"runs/{run_name}/{args.exp_name}.pt"
+        torch.save(checkpoint(), path + ".tmp")
+        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        return path
+
+    def update(batch) -> dict:
+        # the QMIX loss, unchanged: the batch holds masked observations and executed actions, and
+        # the mixer sees the true state [C: the attacker perturbs what agents see, not the critic]
+        mask, avail = batch["mask"], batch["avail"]
+        state = (batch["state"] - state_center) / state_half
+        n_valid = mask.sum()
+        actions = batch["actions"]  # [B, L, N]
+        onehot = F.one_hot(actions, A).float()
+        last = torch.cat((torch.zeros_like(onehot[:, :1]), onehot), 1)  # last action before step t
+        x = agent_inputs(policy.scale_obs(batch["obs"]), last, ids)  # [B, L+1, N, in]
+        q_all = agent.unroll(x)
+        chosen = q_all[:, :-1].gather(-1, actions[..., None]).squeeze(-1)
+        with torch.no_grad():
+            # double Q: the online net picks the next action, the target net evaluates it
+            best = q_all[:, 1:].masked_fill(~avail[:, 1:], -float("inf")).argmax(-1, keepdim=True)
+            q_next = target_agent.unroll(x)[:, 1:].gather(-1, best).squeeze(-1)
+            q_tot_next = target_mixer(q_next, state[:, 1:])
+            reward = (batch["reward"] - reward_mean) / (reward_var.sqrt() + 1e-8) if args.standardise_rewards \
+                else batch["reward"]
+            target = reward + args.gamma * (1 - batch["terminated"]) * q_tot_next
+        q_tot = mixer(chosen, state[:, :-1])
+        td = (q_tot - target) * mask
+        loss = (td**2).sum() / n_valid
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        return {"losses/td_loss": loss.item(), "losses/grad_norm": grad_norm.item(),
+                "losses/q_taken_mean": (q_tot * mask).sum().item() / n_valid.item(),
+                "losses/target_mean": (target * mask).sum().item() / n_valid.item()}
+
+    # TRY NOT TO MODIFY: start the game
+    print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, Discrete({A}), "
+          f"K = {K}, L = {breaker.mask_dims if breaker else 0}, attacks {args.attack_types if K else 'off'} "
+          f"after {warmup_steps} steps, device {device}")
+    global_step, updates, last_save, last_eval, last_log, last_print = 0, 0, 0, 0, 0, 0.0
+    credit = 0.0  # gradient steps owed to finished episodes (--updates-per-episode)
+    recent_returns, metrics = [], {}
+    obs, state, avail = env.reset()
+    hidden = policy.init_hidden(args.num_envs)
+    if breaker is not None:
+        plan = breaker.plan(args.num_envs, (0, 0), (0.0, 0.0))  # the first episodes fall in the warm-up
+        attacked_episode = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
+    start_time = time.time()
+    try:
+        while global_step < args.total_timesteps:
+            # ALGO LOGIC: put action logic here
+            frac = min(global_step / max(args.epsilon_anneal_steps, 1), 1.0)
+            epsilon = args.epsilon_start + frac * (args.epsilon_finish - args.epsilon_start)
+            seen = breaker.mask_obs(obs, plan) if breaker is not None else obs
+            actions, hidden = policy.act(seen, avail, hidden, epsilon)
+            if breaker is not None:
+                intended = actions
+                actions, kl = breaker.attack_actions(obs, state, intended, avail, plan)
+                hidden = executed_as_last_action(hidden, actions, A)
+                if not math.isnan(kl):
+                    metrics["ibal/action_kl"] = kl
+            next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
+            done = terminated | truncated
+            # TRY NOT TO MODIFY: save data to replay buffer; handle `final_observation`
+            # running reward statistics (parallel-variance update, as epymarl's RunningMeanStd)
+            delta, n = reward.mean() - reward_mean, reward_count + args.num_envs
+            reward_var = (reward_var * reward_count + reward.var(unbiased=False) * args.num_envs
+                          + delta**2 * reward_count * args.num_envs / n) / n
+            reward_mean, reward_count = reward_mean + delta * args.num_envs / n, n
+            final_seen = breaker.mask_obs(info["final_obs"], plan) if breaker is not None else info["final_obs"]
+            rb.add(seen, state, avail, actions, reward, terminated, done,
+                   final_seen, info["final_state"], info["final_avail"])
+            if breaker is not None:
+                breaker.observe(state, obs, info["final_obs"], intended, actions, avail)
+            # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
+            obs, state, avail = next_obs, next_state, next_avail
+            global_step += args.num_envs
+
+            if bool(done.any()):
+                hidden = hidden * (~done).view(-1, 1, 1)  # new episodes: zero GRU state and last action
+                n_done = int(done.sum())
+                recent_returns = (recent_returns + info["episode_return"][done].tolist())[-100:]
+                writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
+                writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
+                writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
+                if breaker is not None:
+                    # the curriculum counts the episodes played under the attack schedule (after the warm-up)
+                    if schedule.record(info["success"][done & attacked_episode].tolist()):
+                        writer.add_scalar("ibal/p_max", schedule.p_max, global_step)
+                    attacking = global_step >= warmup_steps
+                    plan = breaker.plan(args.num_envs, (0, K if attacking else 0), p_range(), plan, done)
+                    attacked_episode = torch.where(done, attacking, attacked_episode)
+
+                # ALGO LOGIC: training.
+                if global_step >= args.learning_starts and rb.num_episodes() >= args.batch_size:
+                    credit += n_done * args.updates_per_episode
+                    while credit >= 1:
+                        credit -= 1
+                        metrics.update(update(rb.sample(args.batch_size)))
+                        if breaker is not None and breaker.ready():
+                            metrics.update(breaker.train_step())
+                        updates += 1
+                        if updates % args.target_update_interval == 0:  # update the target network
+                            target_agent.load_state_dict(agent.state_dict())
+                            target_mixer.load_state_dict(mixer.state_dict())
+            if global_step - last_log >= 1000 and metrics:
+                last_log = global_step
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, global_step)
+                writer.add_scalar("charts/epsilon", epsilon, global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                if breaker is not None:
+                    writer.add_scalar("ibal/p_max", schedule.p_max, global_step)
+                    writer.add_scalar("ibal/attacked_group_size", plan["g1"].sum(1).float().mean().item(), global_step)
+
+            if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
+                last_eval = global_step
+                returns, success = evaluate(policy, eval_env)
+                writer.add_scalar("eval/episodic_return", returns.mean().item(), global_step)
+                writer.add_scalar("eval/success_rate", success.float().mean().item(), global_step)
+                line = f"global_step={global_step} eval_return={returns.mean().item():.2f} " \
+                       f"eval_success={success.float().mean().item():.2f}"
+                if breaker is not None and breaker.ready():
+                    returns, success = evaluate(policy, eval_env, breaker, K, args.attack_p_act, args.seed + 100_000)
+                    writer.add_scalar("eval/attacked_return", returns.mean().item(), global_step)
+                    writer.add_scalar("eval/attacked_success_rate", success.float().mean().item(), global_step)
+                    line += f" attacked_return={returns.mean().item():.2f} " \
+                            f"attacked_success={success.float().mean().item():.2f}"
+                print(line, flush=True)
+            if time.time() - last_print > 10:
+                last_print = time.time()
+                ret = np.mean(recent_returns) if recent_returns else float("nan")
+                print(f"global_step={global_step} SPS={int(global_step / (time.time() - start_time))} "
+                      f"updates={updates} epsilon={epsilon:.2f} return={ret:.2f} p_max={schedule.p_max:.2f}", flush=True)
+            if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
+                last_save = global_step
+                save()
+    except KeyboardInterrupt:
+        if args.save_model:
+            print(f"interrupted: checkpoint saved to {save()}", flush=True)
+        sys.exit(130)
+
+    if args.save_model:
+        print(f"checkpoint saved to {save()}")
+    env.close()
+    eval_env.close()
+    writer.close()
