@@ -61,7 +61,7 @@ class Args:
     """number of parallel environments"""
 
     # Algorithm
-    total_timesteps: int = 400_000
+    total_timesteps: int = 800_000
     """total env steps (one step of one env, all agents)"""
     buffer_size: int = 250_000
     """replay capacity in env steps, stored as whole episodes (5000 LBF episodes)"""
@@ -73,6 +73,8 @@ class Args:
     """gradient steps per finished episode (pymarl: 1)"""
     gamma: float = 0.99
     """the discount factor"""
+    td_lambda: float = 0.6
+    """λ of TD(λ) targets over the sampled episodes (0: pymarl's one-step target)"""
     lr: float = 5e-4
     """Adam learning rate of agent and mixer"""
     hidden_dim: int = 64
@@ -87,8 +89,8 @@ class Args:
     """initial ε of ε-greedy exploration"""
     epsilon_finish: float = 0.05
     """final ε"""
-    epsilon_anneal_steps: int = 50_000
-    """env steps over which ε decays linearly"""
+    epsilon_anneal_steps: int = 200_000
+    """env steps over which ε decays linearly (epymarl's LBF setting)"""
     max_grad_norm: float = 10.0
     """global gradient-norm clip"""
     standardise_rewards: bool = True
@@ -241,6 +243,21 @@ class EpisodeBuffer:
         return {"obs": self.obs[ep, :L + 1], "state": self.state[ep, :L + 1], "avail": self.avail[ep, :L + 1],
                 "actions": self.actions[ep, :L], "reward": self.reward[ep, :L], "terminated": self.terminated[ep, :L],
                 "mask": (torch.arange(L, device=self.device)[None, :] < self.length[ep][:, None]).float()}
+
+
+def lambda_returns(reward, terminated, q_next, mask, gamma: float, lam: float):
+    """TD(λ) targets [B, L] of whole episodes: G_t = r_t + γ(1 - term_t)((1 - λ) Q_next_t + λ G_{t+1}),
+    bootstrapping fully from ``q_next`` (Q_tot of the next state) at each episode's last step.
+    λ = 0 gives the one-step target of pymarl's QMIX."""
+    if lam == 0:
+        return reward + gamma * (1 - terminated) * q_next
+    next_valid = torch.cat((mask[:, 1:], torch.zeros_like(mask[:, :1])), 1).bool()
+    targets, g = torch.zeros_like(reward), torch.zeros_like(reward[:, 0])
+    for t in reversed(range(reward.shape[1])):
+        boot = torch.where(next_valid[:, t], (1 - lam) * q_next[:, t] + lam * g, q_next[:, t])
+        g = reward[:, t] + gamma * (1 - terminated[:, t]) * boot
+        targets[:, t] = g
+    return targets
 
 
 def agent_inputs(obs, last_onehot, ids):
@@ -768,7 +785,7 @@ if __name__ == "__main__":
             q_tot_next = target_mixer(q_next, state[:, 1:])
             reward = (batch["reward"] - reward_mean) / (reward_var.sqrt() + 1e-8) if args.standardise_rewards \
                 else batch["reward"]
-            target = reward + args.gamma * (1 - batch["terminated"]) * q_tot_next
+            target = lambda_returns(reward, batch["terminated"], q_tot_next, mask, args.gamma, args.td_lambda)
         q_tot = mixer(chosen, state[:, :-1])
         td = (q_tot - target) * mask
         loss = (td**2).sum() / n_valid

@@ -7,7 +7,9 @@
 # updates, ε-greedy, replay of whole episodes, masked TD loss, truncated episodes bootstrap.
 # Two input details matter on LBF: observations and state are scaled to [-1, 1] with the env's
 # bounds (raw grid coordinates make a fresh mixer start at Q_tot ≈ 3-18 while returns are ≤ 1), and
-# rewards are standardised with running statistics in the TD target, as epymarl does.
+# rewards are standardised with running statistics in the TD target, as epymarl does. Targets are
+# TD(λ) with λ = 0.6 (pymarl2's fine-tuned QMIX): on LBF 8x8-2p-2f-coop one-step targets reached an
+# evaluation return of 0.30 after 600k steps, TD(0.6) 0.45 (README).
 import os
 import sys
 import time
@@ -58,7 +60,7 @@ class Args:
     """number of parallel environments"""
 
     # Algorithm
-    total_timesteps: int = 400_000
+    total_timesteps: int = 800_000
     """total env steps (one step of one env, all agents)"""
     buffer_size: int = 250_000
     """replay capacity in env steps, stored as whole episodes (5000 LBF episodes)"""
@@ -70,7 +72,7 @@ class Args:
     """gradient steps per finished episode (pymarl: 1)"""
     gamma: float = 0.99
     """the discount factor"""
-    td_lambda: float = 0.0
+    td_lambda: float = 0.6
     """λ of TD(λ) targets over the sampled episodes (0: pymarl's one-step target)"""
     lr: float = 5e-4
     """Adam learning rate of agent and mixer"""
@@ -86,8 +88,8 @@ class Args:
     """initial ε of ε-greedy exploration"""
     epsilon_finish: float = 0.05
     """final ε"""
-    epsilon_anneal_steps: int = 50_000
-    """env steps over which ε decays linearly"""
+    epsilon_anneal_steps: int = 200_000
+    """env steps over which ε decays linearly (epymarl's LBF setting)"""
     max_grad_norm: float = 10.0
     """global gradient-norm clip"""
     standardise_rewards: bool = True

@@ -68,8 +68,10 @@ TWO_STEP = textwrap.dedent('''
 def test_qmix_finds_the_optimum_of_the_two_step_game(tmp_path):
     helper = tmp_path / "two_step.py"
     helper.write_text(TWO_STEP.replace("SCRIPT", repr(SCRIPT)))
-    proc = helpers.run_script(helper, tmp_path, "--env-id", "two-step", "--mi-coef", "0", "--total-timesteps",
-                              "1200", "--epsilon-anneal-steps", "500", "--target-update-interval", "50",
+    # one-step targets as in the paper: TD(λ) mixes in the ε-greedy returns of state 2B (0 or 1 when
+    # one agent explores), which pulls the first step's value of 2B below 7
+    proc = helpers.run_script(helper, tmp_path, "--env-id", "two-step", "--mi-coef", "0", "--td-lambda", "0",
+                              "--total-timesteps", "1200", "--epsilon-anneal-steps", "500", "--target-update-interval", "50",
                               "--eval-interval", "600", "--eval-episodes", "4", "--buffer-size", "1000",
                               "--num-envs", "8")
     final = evals(proc.stdout)[-1]
