@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -260,6 +260,15 @@ def lambda_returns(reward, terminated, q_next, mask, gamma: float, lam: float):
     return targets
 
 
+def running_stats(mean, var, count, x):
+    """Parallel-variance update of running (mean, var, count) with the rows of ``x`` (as epymarl's
+    RunningMeanStd); used for the rewards and for the obs model's targets."""
+    n = x.shape[0]
+    delta, total = x.mean(0) - mean, count + n
+    var = (var * count + x.var(0, unbiased=False) * n + delta**2 * count * n / total) / total
+    return mean + delta * n / total, var, total
+
+
 def agent_inputs(obs, last_onehot, ids):
     """obs ⊕ one-hot last action ⊕ one-hot agent id, on [..., N, ·]."""
     return torch.cat((obs, last_onehot, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
@@ -384,6 +393,7 @@ class AttackSchedule:
         return False
 
     def success_rate(self) -> float:
+        """Success rate of the episodes in the current window (nan when empty)."""
         return float(np.mean(self.recent)) if self.recent else float("nan")
 
 
@@ -398,8 +408,7 @@ class InteractionBreaker:
     ``obs_box``/``state_box``: (center, half-width) that map observations and state onto [-1, 1].
     """
 
-    def __init__(self, n_agents, obs_dim, state_dim, n_actions, args: Args, obs_box, state_box, device,
-                 seed: int, window: Optional[int] = None):
+    def __init__(self, n_agents, obs_dim, state_dim, n_actions, args: Args, obs_box, state_box, device, seed: int):
         N, D, S, A = n_agents, obs_dim, state_dim, n_actions
         self.N, self.D, self.A, self.device, self.args = N, D, A, device, args
         self.obs_box, self.state_box = obs_box, state_box
@@ -413,8 +422,8 @@ class InteractionBreaker:
         self.obs_opt = optim.Adam(self.obs_model.parameters(), lr=args.estimator_lr)
         self.act_opt = optim.Adam(self.act_model.parameters(), lr=args.estimator_lr)
         self.scores = torch.zeros(N, N, D, device=device)  # M[i, j, d], EMA of pointwise scores
-        W = args.estimator_window if window is None else window
-        self.window, self.ptr, self.count = W, 0, 0
+        W = self.window = args.estimator_window
+        self.ptr, self.count = 0, 0
         self.w_state = torch.zeros(W, S, device=device)
         self.w_obs = torch.zeros(W, N, D, device=device)
         self.w_next = torch.zeros(W, N, D, device=device)
@@ -443,11 +452,8 @@ class InteractionBreaker:
         self.w_state[rows], self.w_obs[rows], self.w_next[rows] = state_s, obs_s, next_obs
         self.w_intended[rows], self.w_executed[rows], self.w_avail[rows] = intended, executed, avail
         self.ptr, self.count = (self.ptr + E) % self.window, self.count + E
-        x = next_obs.reshape(-1, self.D)
-        n, delta = self.next_count + x.shape[0], x.mean(0) - self.next_mean
-        self.next_var = (self.next_var * self.next_count + x.var(0, unbiased=False) * x.shape[0]
-                         + delta**2 * self.next_count * x.shape[0] / n) / n
-        self.next_mean, self.next_count = self.next_mean + delta * x.shape[0] / n, n
+        self.next_mean, self.next_var, self.next_count = running_stats(
+            self.next_mean, self.next_var, self.next_count, next_obs.reshape(-1, self.D))
 
     def ready(self) -> bool:
         return self.count >= self.args.estimator_batch_size and self.N > 1
@@ -642,13 +648,14 @@ def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tup
     saved = checkpoint.get("args", {}) if checkpoint.get("script") == "ibal_qmix" else {}
     names = {f.name for f in fields(Args)}
     args = Args(**{k: v for k, v in saved.items() if k in names})
+    args = replace(args, estimator_window=args.attack_fit_steps)  # the estimators see every fitting step
     device = env.device
     fit_env = envs.make(checkpoint["env_id"], num_envs=args.num_envs, seed=seed + 200_000, device=device,
                         **checkpoint.get("env_kwargs", {}))
     _, obs_box, state_box = input_boxes(fit_env, device)
     K = group_cap(args.attack_k, env.n_agents) or group_cap(None, env.n_agents)  # a K = 0 run is attacked with the default K
     breaker = InteractionBreaker(env.n_agents, env.obs_dim, env.state_dim, env.n_actions, args, obs_box, state_box,
-                                 device, seed, window=args.attack_fit_steps)
+                                 device, seed)
     # the victim's ε-greedy draws come from the global stream: fork it, so that the same seed gives
     # the same attack whatever the caller did before, and the caller's stream is left as it was
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -826,11 +833,7 @@ if __name__ == "__main__":
             next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
             done = terminated | truncated
             # TRY NOT TO MODIFY: save data to replay buffer; handle `final_observation`
-            # running reward statistics (parallel-variance update, as epymarl's RunningMeanStd)
-            delta, n = reward.mean() - reward_mean, reward_count + args.num_envs
-            reward_var = (reward_var * reward_count + reward.var(unbiased=False) * args.num_envs
-                          + delta**2 * reward_count * args.num_envs / n) / n
-            reward_mean, reward_count = reward_mean + delta * args.num_envs / n, n
+            reward_mean, reward_var, reward_count = running_stats(reward_mean, reward_var, reward_count, reward)
             final_seen = breaker.mask_obs(info["final_obs"], plan) if breaker is not None else info["final_obs"]
             rb.add(seen, state, avail, actions, reward, terminated, done,
                    final_seen, info["final_state"], info["final_avail"])
@@ -849,8 +852,7 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
                 if breaker is not None:
                     # the curriculum counts the episodes played under the attack schedule (after the warm-up)
-                    if schedule.record(info["success"][done & attacked_episode].tolist()):
-                        writer.add_scalar("ibal/p_max", schedule.p_max, global_step)
+                    schedule.record(info["success"][done & attacked_episode].tolist())
                     attacking = global_step >= warmup_steps
                     plan = breaker.plan(args.num_envs, (0, K if attacking else 0), p_range(), plan, done)
                     attacked_episode = torch.where(done, attacking, attacked_episode)
@@ -875,6 +877,7 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
                 if breaker is not None:
                     writer.add_scalar("ibal/p_max", schedule.p_max, global_step)
+                    writer.add_scalar("ibal/window_success_rate", schedule.success_rate(), global_step)
                     writer.add_scalar("ibal/attacked_group_size", plan["g1"].sum(1).float().mean().item(), global_step)
 
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):

@@ -1,4 +1,4 @@
-"""Shared by the script tests: run a script in a subprocess, find what it wrote."""
+"""Shared by the script tests: run a script in a subprocess, find what it wrote, random-play baselines."""
 
 import glob
 import os
@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import torch
+
+import envs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +37,17 @@ def only(pattern) -> str:
 def checkpoint_of(cwd, exp_name):
     """The checkpoint dict of the one run of ``exp_name`` under ``cwd/runs``."""
     return torch.load(only(os.path.join(cwd, "runs", "*", f"{exp_name}.pt")), weights_only=True)
+
+
+@torch.no_grad()
+def random_return(env_id, episodes=64):
+    """Mean return of uniform random actions on the evaluation episodes (seed 100001) of a discrete env."""
+    env = envs.make(env_id, num_envs=episodes, seed=100_001)
+    env.reset()
+    gen = torch.Generator().manual_seed(0)
+    ret, running = torch.zeros(episodes), torch.ones(episodes, dtype=torch.bool)
+    while running.any():
+        *_, reward, terminated, truncated, _ = env.step(torch.randint(0, env.n_actions, (episodes, env.n_agents), generator=gen))
+        ret += reward * running
+        running &= ~(terminated | truncated)
+    return ret.mean().item()

@@ -389,20 +389,6 @@ def test_interaction_breaking_attack_is_deterministic(rendezvous_runs):
         assert torch.equal(returns, results[0][0]) and torch.equal(success, results[0][1])
 
 
-@torch.no_grad()
-def random_return(env_id, episodes=64):
-    """Mean return of uniform random actions on the evaluation episodes (seed 100001)."""
-    env = envs.make(env_id, num_envs=episodes, seed=100_001)
-    env.reset()
-    gen = torch.Generator().manual_seed(0)
-    ret, running = torch.zeros(episodes), torch.ones(episodes, dtype=torch.bool)
-    while running.any():
-        *_, reward, terminated, truncated, _ = env.step(torch.randint(0, env.n_actions, (episodes, env.n_agents), generator=gen))
-        ret += reward * running
-        running &= ~(terminated | truncated)
-    return ret.mean().item()
-
-
 def test_ibal_learns_small_lbf_task_under_attack(tmp_path):
     """5x5 LBF, 2 players, 1 food: trained under IBAL's attacks from 5k steps on, the greedy team beats
     random play clearly, both without and under the interaction-breaking attack."""
@@ -411,7 +397,7 @@ def test_ibal_learns_small_lbf_task_under_attack(tmp_path):
                       "--eval-interval", "10000", "--eval-episodes", "64", "--warmup-fraction", "0.25",
                       "--no-save-model")
     lines = ATTACKED_LINE.findall(proc.stdout)
-    baseline = random_return(env_id)
+    baseline = helpers.random_return(env_id)
     step, natural, _, attacked, _ = lines[-1]
     assert int(step) == 20000 and float(natural) > baseline + 0.15, (baseline, proc.stdout)
     assert float(attacked) > baseline + 0.1, (baseline, proc.stdout)

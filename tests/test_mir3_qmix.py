@@ -78,19 +78,6 @@ def test_qmix_finds_the_optimum_of_the_two_step_game(tmp_path):
     assert final[1] == pytest.approx(8.0) and final[2] == 1.0, proc.stdout
 
 
-@torch.no_grad()
-def random_return(env_id, episodes=64):
-    env = envs.make(env_id, num_envs=episodes, seed=100_001)
-    env.reset()
-    gen = torch.Generator().manual_seed(0)
-    ret, running = torch.zeros(episodes), torch.ones(episodes, dtype=torch.bool)
-    while running.any():
-        *_, reward, terminated, truncated, _ = env.step(torch.randint(0, env.n_actions, (episodes, env.n_agents), generator=gen))
-        ret += reward * running
-        running &= ~(terminated | truncated)
-    return ret.mean().item()
-
-
 def test_qmix_learns_small_lbf_task(tmp_path):
     # 5x5, 2 players, 1 food: a uniform random policy collects it in about half the episodes;
     # a deterministic greedy policy must earn it by learning (it can also get stuck at a wall).
@@ -99,7 +86,7 @@ def test_qmix_learns_small_lbf_task(tmp_path):
                       "--epsilon-anneal-steps", "10000", "--eval-interval", "10000", "--eval-episodes", "64",
                       "--no-save-model")
     final = evals(proc.stdout)[-1]
-    baseline = random_return(env_id)
+    baseline = helpers.random_return(env_id)
     assert final[0] == 20000 and final[1] > baseline + 0.15, (baseline, proc.stdout)
 
 
