@@ -62,7 +62,7 @@ class Args:
     """number of parallel environments"""
 
     # Algorithm
-    total_timesteps: int = 800_000
+    total_timesteps: int = 600_000
     """total env steps (one step of one env, all agents)"""
     buffer_size: int = 250_000
     """replay capacity in env steps, stored as whole episodes (5000 LBF episodes)"""

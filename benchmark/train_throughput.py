@@ -2,13 +2,16 @@
 
     python benchmark/train_throughput.py                 # every script that exists
     python benchmark/train_throughput.py --scripts mir3_maddpg --steps 60000
+    python benchmark/train_throughput.py --scripts mir3_qmix ibal_qmix --repeats 3
 
 For each script and setting, the script runs twice, with ``learning_starts + short`` and
 ``learning_starts + short + steps`` total env steps; the difference of the two wall times is the
 time of ``steps`` training env steps, so start-up, warm-up and the final evaluation cancel out.
 Both settings run in this one process, one after the other, so their ratio is measured under the
-same machine load. Peak memory (max RSS of the child) is read from a run of the default
-configuration that is long enough to fill the replay buffer.
+same machine load; with ``--repeats n`` every run is timed n times, the settings interleaved, and the
+fastest time counts (on a shared machine the speed drifts by tens of percent over minutes). Peak
+memory (max RSS of the child) is read from a run of the default configuration that is long enough to
+fill the replay buffer.
 
 Reference (authors' MIR3 code on a 2-core CPU, rendezvous with 10 agents, replay ratio 8):
 MADDPG 116 env steps/s, MIR3 94 env steps/s (1.24x), 14-16 GiB peak memory.
@@ -55,10 +58,14 @@ def main():
     parser.add_argument("--scripts", nargs="+", default=[s for s in CONFIGS if os.path.exists(os.path.join(ROOT, f"{s}.py"))])
     parser.add_argument("--steps", type=int, default=60_000, help="training env steps timed per setting")
     parser.add_argument("--short", type=int, default=10_000, help="training env steps of the short run")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time every run this many times, the settings interleaved, and keep the fastest")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory run")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (last option)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     cwd = tempfile.mkdtemp(prefix="train_throughput_")
     rows = []
     for script in args.scripts:
@@ -70,10 +77,16 @@ def main():
         robust = "IBAL" if script.startswith("ibal") else "MIR3"
         settings = (("plain", plain_flags), (robust, robust_flags))
         sps = {"plain": float("nan"), robust: float("nan")}
-        for name, flags in () if args.memory_only else settings:
-            t_short, _ = run(script, [*common, *flags, "--total-timesteps", str(starts + args.short)], cwd)
-            t_long, _ = run(script, [*common, *flags, "--total-timesteps", str(starts + args.short + args.steps)], cwd)
-            sps[name] = args.steps / (t_long - t_short)
+        # the machine's speed drifts by tens of percent over minutes: the fastest of several
+        # interleaved repeats is the least disturbed measurement of each run
+        best = {}
+        for _ in range(0 if args.memory_only else args.repeats):
+            for name, flags in settings:
+                for total in (starts + args.short, starts + args.short + args.steps):
+                    elapsed, _ = run(script, [*common, *flags, "--total-timesteps", str(total)], cwd)
+                    best[name, total] = min(elapsed, best.get((name, total), float("inf")))
+        for name, _ in () if args.memory_only else settings:
+            sps[name] = args.steps / (best[name, starts + args.short + args.steps] - best[name, starts + args.short])
             print(f"{script} {name}: {sps[name]:,.0f} training env steps/s", flush=True)
         peak = None
         if not args.no_memory:
