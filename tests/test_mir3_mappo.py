@@ -132,3 +132,36 @@ def test_learns_rendezvous(tmp_path):
         reference[name] = total.mean().item()
     score = (evals[-1] - reference["random"]) / (reference["scripted"] - reference["random"])
     assert len(evals) == 2 and score > 0.5, (evals, reference)
+
+
+def test_quads_eval_report(tmp_path):
+    """benchmark/quads_eval.py: distances of the first step agree with the env's positions, one line per policy."""
+    import importlib.util
+
+    run_script(tmp_path, "--env-id", "quads-same-goal", *TINY, *SMALL)
+    path = helpers.only(os.path.join(tmp_path, "runs", "*", "mir3_mappo.pt"))
+    proc = helpers.run_script(os.path.join(helpers.ROOT, "benchmark", "quads_eval.py"), tmp_path, path, "--random",
+                              "--episodes", "4")
+    rows = [line.split() for line in proc.stdout.splitlines()[1:3]]
+    assert rows[1][:2] == ["random", "actions"]
+    for row in rows:
+        values = [float(v) for v in row[-7:]]
+        assert all(0 < v < 20 for v in values[:3]) and all(0 <= v <= 1 for v in values[3:])
+
+    spec = importlib.util.spec_from_file_location("quads_eval", os.path.join(helpers.ROOT, "benchmark", "quads_eval.py"))
+    quads_eval = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quads_eval)
+    ckpt = checkpoint_of(tmp_path)
+    policy = load_policy(ckpt)
+    env = envs.make("quads-same-goal", num_envs=4, seed=3, **ckpt["env_kwargs"])
+    report = quads_eval.play(env, lambda o, a: policy.act(o, a, None)[0])
+    twin = envs.make("quads-same-goal", num_envs=4, seed=3, **ckpt["env_kwargs"])
+    obs, _, avail = twin.reset()
+    twin.step(policy.act(obs, avail, None)[0])
+    assert report["dist step 1"] == pytest.approx((twin.pos - twin.goal).norm(dim=-1).mean().item(), rel=1e-5)
+
+    rendezvous = tmp_path / "rdv"
+    run_script(rendezvous, "--env-id", "rendezvous", *TINY, "--n-agents", "3", "--episode-limit", "12")
+    bad = helpers.run_script(os.path.join(helpers.ROOT, "benchmark", "quads_eval.py"), rendezvous,
+                             helpers.only(os.path.join(rendezvous, "runs", "*", "mir3_mappo.pt")), check=False)
+    assert bad.returncode != 0 and "not a quads-* env" in bad.stderr
