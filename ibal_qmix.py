@@ -406,13 +406,14 @@ class InteractionBreaker:
     M[i, j, d] ≈ I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t); ``plan`` draws the per-episode attack
     (G1, P_act, observation mask) for a batch of envs; ``mask_obs`` and ``attack_actions`` apply it.
     All randomness comes from its own generator, so the attacker never shifts the learner's stream.
-    ``obs_box``/``state_box``: (center, half-width) that map observations and state onto [-1, 1].
+    ``scale_obs``: the defender's map of observations onto [-1, 1]; ``state_box``: (center,
+    half-width) that does the same for the state.
     """
 
-    def __init__(self, n_agents, obs_dim, state_dim, n_actions, args: Args, obs_box, state_box, device, seed: int):
+    def __init__(self, n_agents, obs_dim, state_dim, n_actions, args: Args, scale_obs, state_box, device, seed: int):
         N, D, S, A = n_agents, obs_dim, state_dim, n_actions
         self.N, self.D, self.A, self.device, self.args = N, D, A, device, args
-        self.obs_box, self.state_box = obs_box, state_box
+        self.scale_obs, self.state_box = scale_obs, state_box
         self.mask_dims = math.ceil(0.1 * D) if args.mask_dims is None else args.mask_dims
         self.use_obs, self.use_act = args.attack_types in ("obs", "both"), args.attack_types in ("act", "both")
         self.gen = torch.Generator(device=device).manual_seed(seed)
@@ -442,7 +443,7 @@ class InteractionBreaker:
         return torch.randint(high, shape, generator=gen or self.gen, device=self.device)
 
     def _scale(self, obs, state):
-        return (obs - self.obs_box[0]) / self.obs_box[1], (state - self.state_box[0]) / self.state_box[1]
+        return self.scale_obs(obs), (state - self.state_box[0]) / self.state_box[1]
 
     @torch.no_grad()
     def observe(self, state, obs, next_obs, intended, executed, avail):
@@ -625,15 +626,15 @@ def evaluate(policy, env, breaker: Optional[InteractionBreaker] = None, k: int =
     return returns, success
 
 
-def input_boxes(env, device):
-    """(center, half-width) of obs and state: the env's observation bounds, if any (the state of
-    LBF, the only env with bounds, is the concatenation of the agents' observations)."""
+def input_bounds(env, device):
+    """The env's observation bounds (lists, or None) and the state's (center, half-width) box (the
+    state of LBF, the only env with bounds, is the concatenation of the agents' observations)."""
     obs_low, obs_high = getattr(env, "obs_low", None), getattr(env, "obs_high", None)
     if obs_low is not None:
         obs_low, obs_high = obs_low.tolist(), obs_high.tolist()
     state_bounds = obs_low is not None and env.state_dim == env.n_agents * env.obs_dim
-    return (obs_low, obs_high), unit_box(obs_low, obs_high, device), \
-        unit_box(obs_low * env.n_agents if state_bounds else None, obs_high * env.n_agents if state_bounds else None, device)
+    return obs_low, obs_high, unit_box(obs_low * env.n_agents if state_bounds else None,
+                                       obs_high * env.n_agents if state_bounds else None, device)
 
 
 def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tuple:
@@ -653,10 +654,10 @@ def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tup
     device = env.device
     fit_env = envs.make(checkpoint["env_id"], num_envs=args.num_envs, seed=seed + 200_000, device=device,
                         **checkpoint.get("env_kwargs", {}))
-    _, obs_box, state_box = input_boxes(fit_env, device)
+    *_, state_box = input_bounds(fit_env, device)
     K = group_cap(args.attack_k, env.n_agents) or group_cap(None, env.n_agents)  # a K = 0 run is attacked with the default K
-    breaker = InteractionBreaker(env.n_agents, env.obs_dim, env.state_dim, env.n_actions, args, obs_box, state_box,
-                                 device, seed)
+    breaker = InteractionBreaker(env.n_agents, env.obs_dim, env.state_dim, env.n_actions, args, policy.scale_obs,
+                                 state_box, device, seed)
     # the victim's ε-greedy draws come from the global stream: fork it, so that the same seed gives
     # the same attack whatever the caller did before, and the caller's stream is left as it was
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -762,10 +763,10 @@ if __name__ == "__main__":
 
     space = action_space_dict(env.action_space)
     # LBF observations are raw grid coordinates: map obs and state onto [-1, 1] (see mir3_qmix.py)
-    (obs_low, obs_high), obs_box, (state_center, state_half) = input_boxes(env, device)
+    obs_low, obs_high, (state_center, state_half) = input_bounds(env, device)
     policy = Policy(agent, N, A, obs_low, obs_high)
     # the attacker (absent with K = 0: then nothing below differs from plain QMIX)
-    breaker = InteractionBreaker(N, env.obs_dim, env.state_dim, A, args, obs_box, (state_center, state_half),
+    breaker = InteractionBreaker(N, env.obs_dim, env.state_dim, A, args, policy.scale_obs, (state_center, state_half),
                                  device, args.seed + 1) if K > 0 else None
     schedule = AttackSchedule(args.p_max_init, args.alpha, args.eta, args.success_window)
     warmup_steps = int(args.warmup_fraction * args.total_timesteps)

@@ -38,7 +38,7 @@ UNIT = (torch.zeros(()), torch.ones(()))
 def make_breaker(**kwargs) -> InteractionBreaker:
     args = ibal_qmix.Args(**{"estimator_batch_size": 256, "obs_model_hidden_dim": 64, "act_model_hidden_dim": 64,
                              "estimator_lr": 1e-3, "score_ema": 0.95, **kwargs})
-    return InteractionBreaker(N, D, S, A, args, UNIT, UNIT, "cpu", seed=0)
+    return InteractionBreaker(N, D, S, A, args, lambda obs: obs, UNIT, "cpu", seed=0)
 
 
 def channel_data(E, gen):
