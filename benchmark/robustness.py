@@ -1,0 +1,527 @@
+"""Robustness experiments across seeds: train each method, attack every checkpoint, aggregate.
+
+    python benchmark/robustness.py plan      benchmark/experiments/rendezvous_maddpg.toml
+    python benchmark/robustness.py run       benchmark/experiments/rendezvous_maddpg.toml --workers 2
+    python benchmark/robustness.py run       benchmark/experiments/rendezvous_maddpg.toml --index 3
+    python benchmark/robustness.py slurm     benchmark/experiments/rendezvous_maddpg.toml > sweep.sbatch
+    python benchmark/robustness.py aggregate benchmark/experiments/rendezvous_maddpg.toml
+
+An experiment is a TOML file (see ``benchmark/experiments/``): methods (a training script and its
+flags), seeds, and the attack protocol (``attack_worstcase.py`` flags and the adversary sets). One
+unit of work is one (method, seed): train, then one worst-case attack per adversary set (the first
+also evaluates the disturbances). Units are numbered seed-major, so a partial sweep holds every
+method at the seeds it has reached.
+
+``run`` skips what is done: a unit whose ``results/<name>/<method>__<seed>.json`` exists is skipped,
+and inside a unit a finished training log or attack report under ``runs/robustness/<name>/`` is
+reused, so an interrupted sweep continues where it stopped (on the same machine; checkpoints live
+under ``runs/``, which is not committed). Each of the W workers runs its commands with
+``OMP_NUM_THREADS`` = cores / W. ``slurm`` prints a job-array script whose task i runs
+``run --index i``: the same sweep on a cluster.
+
+``aggregate`` reads the per-unit JSONs. A run's score under a condition is its mean return over the
+evaluation episodes; ``worstcase_k1`` and ``random_k1`` average over the single-agent adversary sets
+(the paper attacks each agent in turn and averages), ``worstcase_k2`` over the two-agent ones. Across
+runs it reports, per method and condition, the mean and the interquartile mean (IQM: the mean of the
+middle 50% of runs) with 95% percentile-bootstrap intervals over runs, and for each method against
+the baseline the probability of improvement P(X > Y) (the Mann-Whitney statistic, ties count 1/2)
+with a bootstrap interval that resamples both methods' runs independently; the same for the drop
+from the natural return. These are rliable's definitions (Agarwal et al., NeurIPS 2021) for one task.
+It writes ``summary.json``, ``summary.md`` (the tables README shows) and ``summary.png``.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ("mir3_maddpg", "mir3_qmix", "mir3_mappo", "ibal_qmix")
+EVAL_LINE = re.compile(r"global_step=(\d+) eval_return=(-?[\d.]+|nan) eval_success=([\d.]+)")
+SAVED_LINE = re.compile(r"^checkpoint saved to (\S+)$", re.M)
+BOOTSTRAP_REPS = 20_000
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment: a TOML file, checked once, turned into units of commands
+# ---------------------------------------------------------------------------------------------
+class SpecError(ValueError):
+    pass
+
+
+def load_spec(path: str) -> dict:
+    """Read and check an experiment file; every problem is one SpecError line."""
+    try:
+        with open(path, "rb") as f:
+            spec = tomllib.load(f)
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path} is not valid TOML: {e}") from None
+    spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,80}", spec["name"]):
+        raise SpecError(f"experiment name {spec['name']!r} must be 1-80 letters, digits, '_', '.' or '-'")
+    seeds = spec.get("seeds")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise SpecError("seeds must be a non-empty list of non-negative integers")
+    if len(set(seeds)) != len(seeds):
+        raise SpecError(f"seeds repeat: {seeds}")
+    methods = spec.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise SpecError("give at least one [methods.<name>] table")
+    for name, m in methods.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", name):
+            raise SpecError(f"method name {name!r} must be 1-40 letters, digits, '_', '.' or '-'")
+        if m.get("script") not in SCRIPTS:
+            raise SpecError(f"method {name}: script must be one of {', '.join(SCRIPTS)}, got {m.get('script')!r}")
+        flags = m.setdefault("flags", [])
+        if not isinstance(flags, list) or not all(isinstance(x, str) for x in flags):
+            raise SpecError(f"method {name}: flags must be a list of strings")
+        if any(f.startswith(("--seed", "--exp-name")) for f in flags):
+            raise SpecError(f"method {name}: --seed and --exp-name are set by the runner")
+    if spec.get("baseline") not in methods:
+        raise SpecError(f"baseline must name one of the methods ({', '.join(methods)}), got {spec.get('baseline')!r}")
+    attack = spec.setdefault("attack", {})
+    for key in ("flags", "disturbances"):
+        value = attack.setdefault(key, [])
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise SpecError(f"attack.{key} must be a list of strings")
+    adv = attack.setdefault("adversaries", [[0]])
+    if not isinstance(adv, list) or not adv or not all(
+            isinstance(a, list) and a and all(isinstance(i, int) and i >= 0 for i in a) and len(set(a)) == len(a)
+            for a in adv):
+        raise SpecError("attack.adversaries must be a non-empty list of non-empty lists of distinct agent indices")
+    return spec
+
+
+def units(spec: dict) -> list:
+    """Every (method, seed) in run order: seed-major."""
+    return [(method, seed) for seed in spec["seeds"] for method in spec["methods"]]
+
+
+def unit_dir(spec: dict, method: str, seed: int) -> str:
+    """Logs and attack reports of one unit (relative to the working directory, like the scripts' runs/)."""
+    return os.path.join("runs", "robustness", spec["name"], f"{method}__{seed}")
+
+
+def result_path(spec: dict, method: str, seed: int) -> str:
+    return os.path.join("results", spec["name"], f"{method}__{seed}.json")
+
+
+def script(name: str) -> str:
+    """Path of a repo script as seen from the working directory (plain ``name.py`` in the repo root)."""
+    return os.path.relpath(os.path.join(ROOT, f"{name}.py"))
+
+
+def adv_tag(adversaries: list) -> str:
+    return "adv" + "-".join(map(str, adversaries))
+
+
+def train_command(spec: dict, method: str, seed: int) -> list:
+    m = spec["methods"][method]
+    return [sys.executable, script(m["script"]), *m["flags"], "--seed", str(seed),
+            "--exp-name", f"{spec['name']}-{method}"]
+
+
+def attack_command(spec: dict, checkpoint: str, seed: int, adversaries: list, first: bool, report: str) -> list:
+    a = spec["attack"]
+    return [sys.executable, script("attack_worstcase"), "--checkpoint", checkpoint, "--seed", str(seed),
+            "--adversaries", *map(str, adversaries), *a["flags"], *(a["disturbances"] if first else []),
+            "--exp-name", f"{spec['name']}-attack", "--report", report]
+
+
+def quote(cmd: list) -> str:
+    """A command as one shell line, with ``python`` for this interpreter."""
+    return " ".join("python" if c == sys.executable else shlex.quote(c) for c in cmd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running: one unit = train, then attack; everything finished is reused
+# ---------------------------------------------------------------------------------------------
+def parse_training_log(text: str) -> dict:
+    """Evaluations and the saved checkpoint from a training script's stdout (None if it did not finish)."""
+    evals = [(int(s), float(r), float(sr)) for s, r, sr in EVAL_LINE.findall(text)]
+    saved = SAVED_LINE.findall(text)
+    return {"evals": evals, "checkpoint": saved[-1] if saved else None}
+
+
+CHILDREN = set()  # running commands, stopped with SIGTERM (they save a checkpoint) when we are interrupted
+STOP = threading.Event()  # set once interrupted: start no new command
+
+
+def run_logged(cmd: list, log: str, threads: int) -> tuple:
+    """Run cmd in the repo root with its output in ``log``; returns (exit code, seconds)."""
+    if STOP.is_set():
+        return 130, 0.0
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    start = time.time()
+    with open(log + ".tmp", "w") as f:
+        f.write(f"$ {quote(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        CHILDREN.add(proc)
+        code = proc.wait()
+        CHILDREN.discard(proc)
+    os.replace(log + ".tmp", log)
+    return code, time.time() - start
+
+
+def run_unit(spec: dict, method: str, seed: int, threads: int, say=print) -> bool:
+    """Train and attack one (method, seed); write its result JSON. False if a command failed."""
+    out = result_path(spec, method, seed)
+    if os.path.isfile(out):
+        say(f"[{method} seed {seed}] done already: {out}")
+        return True
+    work = unit_dir(spec, method, seed)
+    os.makedirs(work, exist_ok=True)
+
+    cmd, log = train_command(spec, method, seed), os.path.join(work, "train.log")
+    done = parse_training_log(open(log).read()) if os.path.isfile(log) else {"checkpoint": None}
+    meta_path = os.path.join(work, "train.json")
+    if done["checkpoint"] and os.path.isfile(done["checkpoint"]) and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            train = json.load(f)
+        say(f"[{method} seed {seed}] training reused: {done['checkpoint']}")
+    else:
+        say(f"[{method} seed {seed}] train: {quote(cmd)}")
+        code, seconds = run_logged(cmd, log, threads)
+        done = parse_training_log(open(log).read())
+        if code != 0 or not done["checkpoint"]:
+            say(f"[{method} seed {seed}] training failed (exit {code}); see {log}")
+            return False
+        train = {"command": quote(cmd), "checkpoint": done["checkpoint"], "wall_s": round(seconds, 1),
+                 "evals": done["evals"]}
+        with open(meta_path, "w") as f:
+            json.dump(train, f)
+
+    attacks = []
+    for i, adversaries in enumerate(spec["attack"]["adversaries"]):
+        report = os.path.join(work, f"attack_{adv_tag(adversaries)}.json")
+        cmd = attack_command(spec, train["checkpoint"], seed, adversaries, i == 0, report)
+        if os.path.isfile(report) and os.path.isfile(report + ".wall"):
+            say(f"[{method} seed {seed}] attack {adversaries} reused")
+            seconds = float(open(report + ".wall").read())
+        else:
+            say(f"[{method} seed {seed}] attack {adversaries}: {quote(cmd)}")
+            code, seconds = run_logged(cmd, os.path.splitext(report)[0] + ".log", threads)
+            if code != 0 or not os.path.isfile(report):
+                say(f"[{method} seed {seed}] attack {adversaries} failed (exit {code})")
+                return False
+            with open(report + ".wall", "w") as f:
+                f.write(f"{seconds:.1f}")
+        with open(report) as f:
+            attacks.append({"adversaries": adversaries, "command": quote(cmd),
+                            "wall_s": round(seconds, 1), "report": json.load(f)})
+
+    evals = train["evals"]
+    result = {"experiment": spec["name"], "method": method, "seed": seed,
+              "script": spec["methods"][method]["script"], "flags": spec["methods"][method]["flags"],
+              "train": {"command": train["command"], "wall_s": train["wall_s"],
+                        "final_step": evals[-1][0] if evals else None,
+                        "final_eval_return": evals[-1][1] if evals else None,
+                        "final_eval_success": evals[-1][2] if evals else None, "evals": evals},
+              "attacks": attacks}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    say(f"[{method} seed {seed}] result written: {out}")
+    return True
+
+
+def cmd_run(spec: dict, workers: int, index, only_methods, only_seeds) -> int:
+    todo = units(spec)
+    if index is not None:
+        if not 0 <= index < len(todo):
+            raise SpecError(f"--index must be in [0, {len(todo) - 1}], got {index}")
+        todo = [todo[index]]
+    todo = [(m, s) for m, s in todo if (not only_methods or m in only_methods) and (not only_seeds or s in only_seeds)]
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)  # the cores we may use (Slurm's allocation)
+    lock = threading.Lock()
+
+    def say(line):
+        with lock:
+            print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    say(f"{len(todo)} units, {workers} worker(s), OMP_NUM_THREADS={threads}")
+    start = time.time()
+    pool = ThreadPoolExecutor(workers)
+    try:
+        ok = list(pool.map(lambda u: run_unit(spec, *u, threads, say), todo))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: let every running command save, then stop
+        say("interrupted: stopping the running commands (they save their checkpoints)")
+        STOP.set()
+        for proc in list(CHILDREN):
+            proc.send_signal(signal.SIGTERM)
+        pool.shutdown(wait=True, cancel_futures=True)
+        return 130
+    pool.shutdown()
+    say(f"finished {sum(ok)}/{len(ok)} units in {time.time() - start:.0f} s")
+    return 0 if all(ok) else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics across runs (rliable's definitions, one task)
+# ---------------------------------------------------------------------------------------------
+def mean(x):
+    """Mean over the last axis (over runs)."""
+    return np.mean(x, axis=-1)
+
+
+def iqm(x):
+    """Interquartile mean over the last axis: the mean of the middle 50% of the sorted scores.
+
+    For n not divisible by 4 the boundary scores count with fractional weight, so that IQM is
+    continuous in n (rliable trims whole scores with scipy's trim_mean; both agree when 4 | n).
+    """
+    x = np.sort(np.asarray(x, dtype=float), axis=-1)
+    n = x.shape[-1]
+    ranks = np.arange(n)
+    w = np.clip(np.minimum(ranks + 1, 0.75 * n) - np.maximum(ranks, 0.25 * n), 0.0, 1.0)
+    return (x * w).sum(-1) / w.sum()
+
+
+def prob_improvement(x, y):
+    """P(X > Y) for a random run of each, over the last axis: the Mann-Whitney U statistic / (n·m),
+    ties counting 1/2."""
+    x, y = np.asarray(x, dtype=float)[..., :, None], np.asarray(y, dtype=float)[..., None, :]
+    return ((x > y) + 0.5 * (x == y)).mean((-2, -1))
+
+
+def bootstrap_ci(stat, samples: list, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> list:
+    """95% percentile-bootstrap interval of ``stat(*samples)``: each sample (the runs of one method)
+    is resampled with replacement on its own, ``reps`` times."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(s, dtype=float) for s in samples]
+    draws = stat(*(a[rng.integers(0, a.size, (reps, a.size))] for a in arrays))
+    return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
+
+
+def run_scores(result: dict, adversary_sets: list) -> dict:
+    """One run's score (mean evaluation return) per condition; attack sets outside the spec are ignored."""
+    wanted = [sorted(a) for a in adversary_sets]
+    attacks = [a for a in result["attacks"] if sorted(a["adversaries"]) in wanted]
+    if not attacks:
+        return {}
+    scores = {}
+    for name, c in attacks[0]["report"]["conditions"].items():
+        if name not in ("random", "worstcase"):
+            scores[name] = c["return_mean"]
+    for k in sorted({len(a["adversaries"]) for a in attacks}):
+        group = [a["report"]["conditions"] for a in attacks if len(a["adversaries"]) == k]
+        for name in ("random", "worstcase"):
+            scores[f"{name}_k{k}"] = float(np.mean([c[name]["return_mean"] for c in group]))
+    return scores
+
+
+def aggregate(spec: dict) -> dict:
+    """Scores of every finished run and the statistics across them."""
+    folder = os.path.join("results", spec["name"])
+    scores, seeds, cost = {}, {}, {"train_s": 0.0, "attack_s": 0.0}
+    for method, seed in units(spec):
+        path = result_path(spec, method, seed)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            result = json.load(f)
+        s = run_scores(result, spec["attack"]["adversaries"])
+        for cond, value in s.items():
+            scores.setdefault(method, {}).setdefault(cond, []).append(value)
+        seeds.setdefault(method, []).append(seed)
+        cost["train_s"] += result["train"]["wall_s"]
+        cost["attack_s"] += sum(a["wall_s"] for a in result["attacks"])
+    base = spec["baseline"]
+    found = list(scores.get(base, next(iter(scores.values()), {})))
+    first = ["natural"] + sorted(c for c in found if c.startswith(("random_k", "worstcase_k")))
+    conditions = [c for c in first if c in found] + [c for c in found if c not in first]
+    table = {}
+    for method, per_cond in scores.items():
+        table[method] = {}
+        for cond in conditions:
+            x = per_cond.get(cond, [])
+            if not x:
+                continue
+            entry = {"runs": x, "mean": float(mean(x)), "iqm": float(iqm(x)),
+                     "mean_ci95": bootstrap_ci(mean, [x]), "iqm_ci95": bootstrap_ci(iqm, [x])}
+            if cond != "natural" and "natural" in per_cond:
+                drop = list(np.subtract(per_cond["natural"], x))
+                entry["drop"] = {"mean": float(mean(drop)), "mean_ci95": bootstrap_ci(mean, [drop])}
+            y = scores.get(base, {}).get(cond, [])
+            if method != base and len(y) and len(x):
+                entry["p_improvement"] = float(prob_improvement(x, y))
+                entry["p_improvement_ci95"] = bootstrap_ci(prob_improvement, [x, y])
+                if "drop" in entry and "natural" in scores[base]:
+                    y_drop = list(np.subtract(scores[base]["natural"], y))
+                    # a smaller drop is better: P(drop_X < drop_Y)
+                    entry["drop"]["p_smaller"] = float(prob_improvement(-np.asarray(drop), -np.asarray(y_drop)))
+            table[method][cond] = entry
+    return {"experiment": spec["name"], "baseline": base, "seeds": seeds, "conditions": conditions,
+            "cost_s": {k: round(v) for k, v in cost.items()}, "bootstrap_reps": BOOTSTRAP_REPS,
+            "methods": table, "folder": folder}
+
+
+def markdown(summary: dict) -> str:
+    base, methods = summary["baseline"], list(summary["methods"])
+    head = "| condition | " + " | ".join(f"{m} (n={len(summary['seeds'][m])})" for m in methods)
+    others = [m for m in methods if m != base]
+    head += "".join(f" | P({m} > {base})" for m in others) + " |"
+    lines = [head, "|" + "---|" * (1 + len(methods) + len(others))]
+
+    def cell(e):
+        lo, hi = e["iqm_ci95"]
+        return f"{e['mean']:.2f} (IQM {e['iqm']:.2f} [{lo:.2f}, {hi:.2f}])"
+
+    for cond in summary["conditions"]:
+        row = [cond] + [cell(summary["methods"][m][cond]) if cond in summary["methods"][m] else "–" for m in methods]
+        for m in others:
+            e = summary["methods"][m].get(cond)
+            row.append(f"{e['p_improvement']:.2f} [{e['p_improvement_ci95'][0]:.2f}, {e['p_improvement_ci95'][1]:.2f}]"
+                       if e and "p_improvement" in e else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Drop from the natural return (mean over runs, 95% bootstrap interval; smaller is more robust):", "",
+              "| condition | " + " | ".join(methods) + "".join(f" | P(drop {m} < drop {base})" for m in others) + " |",
+              "|" + "---|" * (1 + len(methods) + len(others))]
+    for cond in summary["conditions"]:
+        if cond == "natural":
+            continue
+        row = [cond]
+        for m in methods:
+            d = summary["methods"][m].get(cond, {}).get("drop")
+            row.append(f"{d['mean']:.2f} [{d['mean_ci95'][0]:.2f}, {d['mean_ci95'][1]:.2f}]" if d else "–")
+        for m in others:
+            d = summary["methods"][m].get(cond, {}).get("drop")
+            row.append(f"{d['p_smaller']:.2f}" if d and "p_smaller" in d else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods, conds = list(summary["methods"]), summary["conditions"]
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(conds) * len(methods) ** 0.5 + 2), 4.5))
+    for j, m in enumerate(methods):
+        xs, ys, lo, hi = [], [], [], []
+        for i, c in enumerate(conds):
+            e = summary["methods"][m].get(c)
+            if e:
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                ys.append(e["iqm"])
+                lo.append(e["iqm"] - e["iqm_ci95"][0])
+                hi.append(e["iqm_ci95"][1] - e["iqm"])
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=f"{m} (n={len(summary['seeds'][m])})")
+    ax.set_xticks(range(len(conds)), conds, rotation=30, ha="right")
+    ax.set_ylabel("team return, IQM over runs (95% bootstrap CI)")
+    ax.set_title(summary["experiment"])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_aggregate(spec: dict, make_plot: bool = True) -> int:
+    summary = aggregate(spec)
+    if not summary["methods"]:
+        raise SpecError(f"no finished runs under results/{spec['name']}/ yet")
+    folder = summary["folder"]
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    text = markdown(summary)
+    with open(os.path.join(folder, "summary.md"), "w") as f:
+        f.write(text)
+    if make_plot:
+        plot(summary, os.path.join(folder, "summary.png"))
+    print(text)
+    print(f"cost: {summary['cost_s']['train_s'] / 60:.1f} min training, {summary['cost_s']['attack_s'] / 60:.1f} min "
+          f"attacks (sum over units); written to {summary['folder']}/summary.{{json,md{',png' if make_plot else ''}}}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan and Slurm
+# ---------------------------------------------------------------------------------------------
+def cmd_plan(spec: dict) -> int:
+    for i, (method, seed) in enumerate(units(spec)):
+        work = unit_dir(spec, method, seed)
+        done = " (done)" if os.path.isfile(result_path(spec, method, seed)) else ""
+        print(f"# unit {i}: {method}, seed {seed}{done}")
+        print(quote(train_command(spec, method, seed)))
+        for j, adversaries in enumerate(spec["attack"]["adversaries"]):
+            report = os.path.join(work, f"attack_{adv_tag(adversaries)}.json")
+            print(quote(attack_command(spec, "<checkpoint of the line above>", seed, adversaries, j == 0, report)))
+    return 0
+
+
+def slurm_script(spec: dict, spec_path: str, cpus: int, hours: float) -> str:
+    n = len(units(spec))
+    rel = os.path.relpath(os.path.abspath(spec_path), ROOT)
+    return (f"#!/bin/bash\n"
+            f"#SBATCH --job-name={spec['name']}\n"
+            f"#SBATCH --array=0-{n - 1}\n"
+            f"#SBATCH --cpus-per-task={cpus}\n"
+            f"#SBATCH --mem=4G\n"
+            f"#SBATCH --time={int(hours)}:{int(round(hours % 1 * 60)):02d}:00\n"
+            f"#SBATCH --output=runs/slurm-%A_%a.out\n"
+            f"# {n} units (method, seed): train, then attack; task i runs unit i, skipping what is done\n"
+            f"cd {shlex.quote(ROOT)}\n"
+            f"export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK\n"
+            f"python benchmark/robustness.py run {shlex.quote(rel)} --index $SLURM_ARRAY_TASK_ID --workers 1\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("plan", "run", "slurm", "aggregate"):
+        p = sub.add_parser(name)
+        p.add_argument("experiment", help="the experiment's TOML file")
+        if name == "run":
+            p.add_argument("--workers", type=int, default=1, help="units run in parallel")
+            p.add_argument("--index", type=int, default=None, help="run only this unit (0-based, as `plan` numbers them)")
+            p.add_argument("--methods", nargs="*", default=None, help="run only these methods")
+            p.add_argument("--seeds", nargs="*", type=int, default=None, help="run only these seeds")
+        if name == "slurm":
+            p.add_argument("--cpus", type=int, default=2, help="CPUs per array task")
+            p.add_argument("--hours", type=float, default=2.0, help="time limit per array task")
+        if name == "aggregate":
+            p.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.experiment)
+        if args.command == "plan":
+            return cmd_plan(spec)
+        if args.command == "run":
+            if args.workers < 1:
+                raise SpecError(f"--workers must be >= 1, got {args.workers}")
+            unknown = set(args.methods or []) - set(spec["methods"])
+            if unknown:
+                raise SpecError(f"unknown methods {sorted(unknown)}; the experiment has {', '.join(spec['methods'])}")
+            signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM acts like Ctrl-C
+            return cmd_run(spec, args.workers, args.index, args.methods, args.seeds)
+        if args.command == "slurm":
+            if args.cpus < 1 or not 0 < args.hours < 1000 or not math.isfinite(args.hours):
+                raise SpecError("--cpus must be >= 1 and --hours in (0, 1000)")
+            print(slurm_script(spec, args.experiment, args.cpus, args.hours), end="")
+            return 0
+        return cmd_aggregate(spec, not args.no_plot)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""benchmark/robustness.py: statistics against hand-computed values, plan / run / resume / aggregate on a
+tiny experiment, the Slurm script, bad experiment files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+import robustness  # noqa: E402
+
+RUNNER = os.path.join(ROOT, "benchmark", "robustness.py")
+
+TINY = """
+name = "tiny"
+seeds = [1, 2]
+baseline = "plain"
+
+[methods.plain]
+script = "mir3_maddpg"
+flags = ["--mi-coef", "0", "--n-agents", "3", "--episode-limit", "20", "--num-envs", "4", "--total-timesteps", "800",
+         "--learning-starts", "400", "--batch-size", "32", "--replay-ratio", "1", "--eval-interval", "400",
+         "--eval-episodes", "2", "--hidden-dim", "16"]
+
+[methods.mir3]
+script = "mir3_maddpg"
+flags = ["--mi-coef", "1e-4", "--n-agents", "3", "--episode-limit", "20", "--num-envs", "4", "--total-timesteps", "800",
+         "--learning-starts", "400", "--batch-size", "32", "--replay-ratio", "1", "--eval-interval", "400",
+         "--eval-episodes", "2", "--hidden-dim", "16"]
+
+[attack]
+flags = ["--total-timesteps", "128", "--num-envs", "2", "--num-steps", "32", "--eval-episodes", "3", "--eval-interval", "0",
+         "--update-epochs", "1", "--hidden-dim", "8"]
+adversaries = [[0], [1], [0, 2]]
+disturbances = ["--disable", "1"]
+"""
+
+
+def runner(cwd, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, RUNNER, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+# --- statistics ------------------------------------------------------------------------------
+def test_iqm_hand_computed():
+    assert robustness.iqm([4, 1, 3, 2]) == pytest.approx(2.5)  # mean of the middle two
+    assert robustness.iqm(np.arange(1, 9)) == pytest.approx(4.5)  # mean of 3, 4, 5, 6
+    # n = 5: the middle 50% is 2.5 runs: 0.75 of the 2nd, the 3rd, 0.75 of the 4th
+    assert robustness.iqm([5, 1, 4, 2, 3]) == pytest.approx((0.75 * 2 + 3 + 0.75 * 4) / 2.5)
+    assert robustness.iqm([1, 2, 3, 100]) == pytest.approx(2.5)  # robust to one outlier
+    assert robustness.iqm([7.0]) == pytest.approx(7.0)
+
+
+def test_probability_of_improvement_hand_computed():
+    # pairs (x, y): (1, 1.5) no, (1, 0.5) yes, (2, 1.5) yes, (2, 0.5) yes
+    assert robustness.prob_improvement([1, 2], [1.5, 0.5]) == pytest.approx(0.75)
+    assert robustness.prob_improvement([1, 1], [1, 1]) == pytest.approx(0.5)  # ties count 1/2
+    assert robustness.prob_improvement([0, 0], [1, 2]) == pytest.approx(0.0)
+    x, y = np.random.default_rng(0).normal(size=7), np.random.default_rng(1).normal(size=5)
+    assert robustness.prob_improvement(x, y) + robustness.prob_improvement(y, x) == pytest.approx(1.0)
+
+
+def test_bootstrap_hand_computed():
+    # the mean of two draws from {0, 1}: 0 w.p. 1/4, 0.5 w.p. 1/2, 1 w.p. 1/4 -> 2.5% / 97.5% quantiles 0 and 1
+    assert robustness.bootstrap_ci(robustness.mean, [[0.0, 1.0]]) == [0.0, 1.0]
+    assert robustness.bootstrap_ci(robustness.mean, [[3.0, 3.0, 3.0]]) == [3.0, 3.0]
+    # with 4 distinct runs the interval of the mean is inside [min, max] and contains the mean
+    lo, hi = robustness.bootstrap_ci(robustness.mean, [[1.0, 2.0, 3.0, 10.0]])
+    assert 1.0 <= lo < 4.0 < hi <= 10.0
+    # P(X > Y) with X always above Y: every resample gives 1
+    assert robustness.bootstrap_ci(robustness.prob_improvement, [[5, 6], [1, 2, 3]]) == [1.0, 1.0]
+    # the bootstrap distribution of the mean of [0, 1] x 20 runs: interval about mean ± 1.96·0.5/√20
+    lo, hi = robustness.bootstrap_ci(robustness.mean, [[0.0, 1.0] * 10])
+    assert lo == pytest.approx(0.5 - 1.96 * 0.5 / np.sqrt(20), abs=0.03) and hi == pytest.approx(0.5 + 1.96 * 0.5 / np.sqrt(20), abs=0.03)
+
+
+def fake_result(method, seed, natural, worst):
+    def report(adv, worstcase):
+        conds = {"natural": {"return_mean": natural}, "random": {"return_mean": natural - 1},
+                 "worstcase": {"return_mean": worstcase}}
+        if adv == [0]:
+            conds["dis_1"] = {"return_mean": natural - 2}
+        return {"conditions": conds}
+    attacks = [{"adversaries": [0], "wall_s": 1.0, "report": report([0], worst[0])},
+               {"adversaries": [1], "wall_s": 1.0, "report": report([1], worst[1])},
+               {"adversaries": [0, 2], "wall_s": 1.0, "report": report([0, 2], worst[2])},
+               {"adversaries": [5], "wall_s": 1.0, "report": report([5], -1000.0)}]  # not in the spec: ignored
+    return {"method": method, "seed": seed, "train": {"wall_s": 10.0}, "attacks": attacks}
+
+
+def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec_path = tmp_path / "tiny.toml"
+    spec_path.write_text(TINY)
+    spec = robustness.load_spec(str(spec_path))
+    os.makedirs("results/tiny")
+    runs = {("plain", 1): (-10.0, [-20.0, -22.0, -30.0]), ("plain", 2): (-12.0, [-24.0, -26.0, -40.0]),
+            ("mir3", 1): (-8.0, [-10.0, -12.0, -20.0]), ("mir3", 2): (-9.0, [-11.0, -13.0, -21.0])}
+    for (m, s), (nat, worst) in runs.items():
+        with open(f"results/tiny/{m}__{s}.json", "w") as f:
+            json.dump(fake_result(m, s, nat, worst), f)
+    summary = robustness.aggregate(spec)
+    assert summary["conditions"] == ["natural", "random_k1", "random_k2", "worstcase_k1", "worstcase_k2", "dis_1"]
+    plain, mir3 = summary["methods"]["plain"], summary["methods"]["mir3"]
+    assert plain["worstcase_k1"]["runs"] == [-21.0, -25.0]  # mean over adversaries [0] and [1]; [5] ignored
+    assert plain["worstcase_k2"]["runs"] == [-30.0, -40.0]
+    assert plain["natural"]["mean"] == pytest.approx(-11.0)
+    assert plain["worstcase_k1"]["drop"]["mean"] == pytest.approx((11.0 + 13.0) / 2)
+    assert mir3["worstcase_k1"]["p_improvement"] == pytest.approx(1.0)
+    assert mir3["natural"]["p_improvement"] == pytest.approx(1.0)
+    assert "p_improvement" not in plain["natural"]
+    # drops: plain 11, 13; mir3 3, 3.5 -> every mir3 drop is smaller
+    assert mir3["worstcase_k1"]["drop"]["p_smaller"] == pytest.approx(1.0)
+    assert summary["cost_s"] == {"train_s": 40, "attack_s": 16}
+    assert robustness.cmd_aggregate(spec, make_plot=True) == 0
+    md = open("results/tiny/summary.md").read()
+    assert "| worstcase_k1 | -23.00" in md and "P(mir3 > plain)" in md
+    assert os.path.getsize("results/tiny/summary.png") > 1000
+    assert json.load(open("results/tiny/summary.json"))["methods"]["mir3"]["dis_1"]["runs"] == [-10.0, -11.0]
+
+
+# --- plan, run, resume, Slurm on real (tiny) runs ----------------------------------------------
+def test_plan_run_resume(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    plan = runner(tmp_path, "plan", "tiny.toml")
+    assert plan.returncode == 0, plan.stderr
+    lines = plan.stdout.splitlines()
+    assert [x for x in lines if x.startswith("# unit")] == ["# unit 0: plain, seed 1", "# unit 1: mir3, seed 1",
+                                                             "# unit 2: plain, seed 2", "# unit 3: mir3, seed 2"]
+    assert sum("attack_worstcase.py" in x for x in lines) == 4 * 3
+    assert sum("--disable 1" in x for x in lines) == 4  # disturbances on the first attack of each unit only
+
+    # unit 1 only, as a Slurm array task would
+    proc = runner(tmp_path, "run", "tiny.toml", "--index", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(os.listdir(tmp_path / "results" / "tiny")) == ["mir3__1.json"]
+    result = json.load(open(tmp_path / "results" / "tiny" / "mir3__1.json"))
+    assert result["method"] == "mir3" and result["seed"] == 1 and result["train"]["final_step"] == 800
+    assert [a["adversaries"] for a in result["attacks"]] == [[0], [1], [0, 2]]
+    assert "dis_1" in result["attacks"][0]["report"]["conditions"]
+    assert "dis_1" not in result["attacks"][1]["report"]["conditions"]
+
+    # again: nothing to do
+    proc = runner(tmp_path, "run", "tiny.toml", "--index", "1")
+    assert "done already" in proc.stdout and "train:" not in proc.stdout
+
+    # resume inside a unit: the result and one attack report are gone, the rest is reused
+    os.remove(tmp_path / "results" / "tiny" / "mir3__1.json")
+    os.remove(tmp_path / "runs" / "robustness" / "tiny" / "mir3__1" / "attack_adv1.json")
+    proc = runner(tmp_path, "run", "tiny.toml", "--methods", "mir3", "--seeds", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training reused" in proc.stdout and "attack [0] reused" in proc.stdout
+    assert "attack [1]: python" in proc.stdout and "attack [0, 2] reused" in proc.stdout
+    assert json.load(open(tmp_path / "results" / "tiny" / "mir3__1.json"))["attacks"][1]["adversaries"] == [1]
+
+    agg = runner(tmp_path, "aggregate", "tiny.toml", "--no-plot")
+    assert agg.returncode == 0 and "worstcase_k1" in agg.stdout
+
+
+def test_slurm_script(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    proc = runner(tmp_path, "slurm", "tiny.toml", "--cpus", "4", "--hours", "1.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-3\n" in proc.stdout  # 2 methods x 2 seeds
+    assert "#SBATCH --cpus-per-task=4\n" in proc.stdout and "#SBATCH --time=1:30:00\n" in proc.stdout
+    assert "--index $SLURM_ARRAY_TASK_ID" in proc.stdout
+    spec = robustness.load_spec(str(tmp_path / "tiny.toml"))
+    assert robustness.units(spec)[2] == ("plain", 2)  # what task 2 runs
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('baseline = "plain"', 'baseline = "nope"'), "baseline must name one of the methods"),
+    (lambda t: t.replace("seeds = [1, 2]", "seeds = []"), "seeds must be a non-empty list"),
+    (lambda t: t.replace('script = "mir3_maddpg"', 'script = "rm -rf"', 1), "script must be one of"),
+    (lambda t: t.replace("adversaries = [[0], [1], [0, 2]]", "adversaries = [[0, 0]]"), "distinct agent indices"),
+    (lambda t: t.replace('flags = ["--mi-coef", "0",', 'flags = ["--seed", "3", "--mi-coef", "0",'), "set by the runner"),
+    (lambda t: t + "\n[[[", "is not valid TOML"),
+])
+def test_bad_experiment_files(tmp_path, edit, message):
+    (tmp_path / "bad.toml").write_text(edit(TINY))
+    proc = runner(tmp_path, "plan", "bad.toml")
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_refuses_bad_index(tmp_path):
+    (tmp_path / "tiny.toml").write_text(TINY)
+    proc = runner(tmp_path, "run", "tiny.toml", "--index", "4")
+    assert proc.returncode == 2 and "--index must be in [0, 3]" in proc.stderr
