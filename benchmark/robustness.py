@@ -31,6 +31,7 @@ It writes ``summary.json``, ``summary.md`` (the tables README shows) and ``summa
 """
 
 import argparse
+import glob
 import json
 import math
 import os
@@ -141,6 +142,39 @@ def attack_command(spec: dict, checkpoint: str, seed: int, adversaries: list, fi
             "--exp-name", f"{spec['name']}-attack", "--report", report]
 
 
+def key(cmd: list) -> str:
+    """What a command computes: the command without the names and paths of its outputs and input checkpoint."""
+    out, skip = [], False
+    for c in cmd[1:]:
+        if skip:
+            skip = False
+        elif c in ("--exp-name", "--checkpoint", "--report"):
+            skip = True
+        else:
+            out.append(os.path.basename(c) if c.endswith(".py") else c)
+    return " ".join(out)
+
+
+def borrow(spec: dict, method: str, seed: int):
+    """A finished unit of another experiment that ran exactly this training and these attacks, or None."""
+    want_train = key(train_command(spec, method, seed))
+    want_attacks = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
+    for path in sorted(glob.glob(os.path.join("results", "*", "*__*.json"))):
+        if os.path.dirname(path) == os.path.dirname(result_path(spec, method, seed)):
+            continue
+        try:
+            with open(path) as f:
+                other = json.load(f)
+            if other["train"].get("key") != want_train:
+                continue
+            by_key = {a.get("key"): a for a in other["attacks"]}
+            if all(k in by_key for k in want_attacks):
+                return path, other["train"], [by_key[k] for k in want_attacks]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def quote(cmd: list) -> str:
     """A command as one shell line, with ``python`` for this interpreter."""
     return " ".join("python" if c == sys.executable else shlex.quote(c) for c in cmd)
@@ -154,6 +188,12 @@ def parse_training_log(text: str) -> dict:
     evals = [(int(s), float(r), float(sr)) for s, r, sr in EVAL_LINE.findall(text)]
     saved = SAVED_LINE.findall(text)
     return {"evals": evals, "checkpoint": saved[-1] if saved else None}
+
+
+def write_json(path: str, data) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: an interrupted sweep never leaves half a result
 
 
 CHILDREN = set()  # running commands, stopped with SIGTERM (they save a checkpoint) when we are interrupted
@@ -183,10 +223,20 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print) -> boo
     if os.path.isfile(out):
         say(f"[{method} seed {seed}] done already: {out}")
         return True
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    found = borrow(spec, method, seed)
+    if found:  # e.g. the λ = 0 runs of a λ sweep are the baseline runs of the main experiment
+        source, train, attacks = found
+        write_json(out, {"experiment": spec["name"], "method": method, "seed": seed, "borrowed_from": source,
+                         "script": spec["methods"][method]["script"], "flags": spec["methods"][method]["flags"],
+                         "train": train, "attacks": attacks})
+        say(f"[{method} seed {seed}] the same runs are in {source}: copied to {out}")
+        return True
     work = unit_dir(spec, method, seed)
     os.makedirs(work, exist_ok=True)
 
-    cmd, log = train_command(spec, method, seed), os.path.join(work, "train.log")
+    cmd = cmd_train = train_command(spec, method, seed)
+    log = os.path.join(work, "train.log")
     done = parse_training_log(open(log).read()) if os.path.isfile(log) else {"checkpoint": None}
     meta_path = os.path.join(work, "train.json")
     if done["checkpoint"] and os.path.isfile(done["checkpoint"]) and os.path.isfile(meta_path):
@@ -221,21 +271,18 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print) -> boo
             with open(report + ".wall", "w") as f:
                 f.write(f"{seconds:.1f}")
         with open(report) as f:
-            attacks.append({"adversaries": adversaries, "command": quote(cmd),
+            attacks.append({"adversaries": adversaries, "command": quote(cmd), "key": key(cmd),
                             "wall_s": round(seconds, 1), "report": json.load(f)})
 
     evals = train["evals"]
     result = {"experiment": spec["name"], "method": method, "seed": seed,
               "script": spec["methods"][method]["script"], "flags": spec["methods"][method]["flags"],
-              "train": {"command": train["command"], "wall_s": train["wall_s"],
+              "train": {"command": train["command"], "key": key(cmd_train), "wall_s": train["wall_s"],
                         "final_step": evals[-1][0] if evals else None,
                         "final_eval_return": evals[-1][1] if evals else None,
                         "final_eval_success": evals[-1][2] if evals else None, "evals": evals},
               "attacks": attacks}
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_json(out, result)
     say(f"[{method} seed {seed}] result written: {out}")
     return True
 

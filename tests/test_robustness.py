@@ -162,6 +162,26 @@ def test_plan_run_resume(tmp_path):
     agg = runner(tmp_path, "aggregate", "tiny.toml", "--no-plot")
     assert agg.returncode == 0 and "worstcase_k1" in agg.stdout
 
+    # another experiment that needs exactly this training and the attack on agent 0 borrows them
+    other = TINY.replace('name = "tiny"', 'name = "sweep"').replace("seeds = [1, 2]", "seeds = [1]")
+    other = other.replace("[methods.mir3]", "[methods.lam1e-4]").replace("adversaries = [[0], [1], [0, 2]]", "adversaries = [[0]]")
+    (tmp_path / "sweep.toml").write_text(other)
+    proc = runner(tmp_path, "run", "sweep.toml", "--methods", "lam1e-4")
+    assert proc.returncode == 0 and "the same runs are in results/tiny/mir3__1.json" in proc.stdout, proc.stdout
+    borrowed = json.load(open(tmp_path / "results" / "sweep" / "lam1e-4__1.json"))
+    assert borrowed["method"] == "lam1e-4" and [a["adversaries"] for a in borrowed["attacks"]] == [[0]]
+    assert borrowed["attacks"][0]["report"] == result["attacks"][0]["report"]
+    # a different attack budget is a different computation: nothing to borrow
+    (tmp_path / "sweep.toml").write_text(other.replace('"--total-timesteps", "128"', '"--total-timesteps", "64"'))
+    spec = robustness.load_spec(str(tmp_path / "sweep.toml"))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert robustness.borrow(spec, "lam1e-4", 1) is None
+        assert robustness.borrow(robustness.load_spec("tiny.toml"), "mir3", 1) is None  # never from itself
+    finally:
+        os.chdir(cwd)
+
 
 def test_slurm_script(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
