@@ -12,9 +12,50 @@ from __future__ import annotations
 import math
 
 import gymnasium as gym
+import numpy as np
 import torch
 
 _MASK32 = 0xFFFFFFFF
+
+# Constructors refuse settings whose estimated tensor memory exceeds this (see ``check_memory``).
+MAX_ENV_BYTES = 8 * 2**30
+
+
+def require_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int, or a one-line ValueError if it is not an integer (bools are not) or below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer{'' if minimum is None else f' >= {minimum}'}, "
+                         f"got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def require_float(name: str, value, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> float:
+    """``value`` as a finite float in ``[low, high]`` (``(low, high]`` with ``low_open``), else a
+    one-line ValueError."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        rng = f" in {'(' if low_open else '['}{low}, {high}]" if high is not None else \
+            (f" {'>' if low_open else '>='} {low}" if low is not None else "")
+        raise ValueError(f"{name} must be a finite number{rng}, got {value!r}")
+    return float(value)
+
+
+def check_memory(what: str, nbytes: float) -> None:
+    """Refuse an env whose tensors would take more than ``MAX_ENV_BYTES`` (a rough estimate).
+
+    One clear line instead of an allocation failure deep inside torch (or a machine that swaps).
+    """
+    if nbytes > MAX_ENV_BYTES:
+        raise ValueError(f"{what} would need about {nbytes / 2**30:.3g} GiB of memory for its tensors "
+                         f"(limit {MAX_ENV_BYTES / 2**30:.3g} GiB); use fewer envs or agents")
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +117,7 @@ class BatchedEnv:
     observation of every env before any reset (for envs that did not finish they equal the returned obs/state), so a
     learner can always bootstrap from them. ``info["success"]``, ``info["episode_return"]`` and
     ``info["episode_length"]`` are ``[E]`` tensors, meaningful where ``terminated | truncated``.
+    ``step`` before the first ``reset`` raises a RuntimeError.
     """
 
     n_agents: int
@@ -84,12 +126,15 @@ class BatchedEnv:
     episode_limit: int
     action_space: gym.spaces.Space
 
-    def __init__(self, num_envs: int, seed: int, device):
-        if int(num_envs) < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        self.num_envs = int(num_envs)
-        self.seed = int(seed)
+    def __init__(self, num_envs: int, seed: int, device, bytes_per_env: float = 0.0, what: str = "env"):
+        """Validate ``num_envs`` and ``seed``; refuse (``check_memory``) if ``num_envs`` envs of
+        ``bytes_per_env`` bytes each (the subclass's estimate; 32 bytes of counters are added)
+        would be too large. Subclasses validate their own options before calling this."""
+        self.num_envs = require_int("num_envs", num_envs, 1)
+        self.seed = require_int("seed", seed)
+        check_memory(f"{what} with num_envs={self.num_envs}", self.num_envs * (32.0 + bytes_per_env))
         self.device = torch.device(device)
+        self._needs_reset = True  # step() before the first reset() is an error
         self.episode_count = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         self.t = torch.zeros(self.num_envs, dtype=torch.int64, device=self.device)
         self._return = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
@@ -132,9 +177,12 @@ class BatchedEnv:
         self.t.zero_()
         self._return.zero_()
         self._reset_envs(torch.ones(self.num_envs, dtype=torch.bool, device=self.device))
+        self._needs_reset = False
         return self._observe()
 
     def step(self, actions: torch.Tensor):
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step()")
         actions = self._check_actions(actions)
         reward, terminated, success, extra = self._step(actions)
         self.t += 1
@@ -156,6 +204,26 @@ class BatchedEnv:
             state = torch.where(d, new_state, state)
             avail = torch.where(d.unsqueeze(-1), new_avail, avail)
         return obs, state, avail, reward, terminated, truncated, info
+
+    def null_action(self) -> torch.Tensor:
+        """The 'do nothing' action of a disabled agent, for each of the ``n_agents`` agents.
+
+        Discrete envs: int64 ``[N]``, action 0 (rendezvous-discrete stop, quads vel13 the zero
+        velocity set-point, LBF NONE). Continuous envs: float32 ``[N, d]``, zeros
+        (rendezvous: both wheels stopped); envs where zero is not "nothing" override this
+        (quads motors: the nominal hover command).
+        """
+        if self.is_discrete:
+            return torch.zeros(self.n_agents, dtype=torch.int64, device=self.device)
+        return torch.zeros(self.n_agents, self.n_actions, dtype=torch.float32, device=self.device)
+
+    def obs_bounds(self):
+        """``(low, high)``, float32 ``[obs_dim]`` each, that every observation lies in, or None if unknown.
+
+        ``±inf`` marks a feature without a bound. The bounds cover the states that ``reset`` and
+        ``step`` reach (up to float rounding); envs override this when they know them.
+        """
+        return None
 
     def close(self) -> None:
         """Release resources (no-op for pure torch envs)."""

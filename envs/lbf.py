@@ -21,6 +21,12 @@ stacked into torch tensors (LBF itself is pure Python, so this loop is not the b
   unseeded and continue that env's own random stream. (Re-seeding an LBF instance does not
   reproduce its first episode: player spawning avoids the previous episode's positions.) So
   env 0 of a batch of 4 equals a batch of 1 and the same seed gives the same trajectories.
+- ``slip_prob`` (default 0, off): each agent's action is replaced by NONE with this probability,
+  independently per agent and step (its legs slip: it stays where it is, or its LOAD does not
+  happen). It changes the dynamics, not the reward; at 0 nothing is drawn and the trajectories
+  are those of plain LBF. The slips come from the package's counter-based RNG (seed, env index,
+  episode, step), so they are batch-independent too, but env ``i`` of a batch seeded ``s`` no
+  longer equals env 0 of a batch seeded ``s + i``.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .core import BatchedEnv
+from .core import BatchedEnv, require_float
 
 EXAMPLE_ID = "Foraging-8x8-2p-2f-coop-v3"
 _ID_PATTERN = "Foraging[-2s]-{s}x{s}-{p}p-{f}f[-coop]-v3 with s in 5..19, p in 2..9, f in 1..4"
 _N_ACTIONS = 6
+_BYTES_PER_ENV = 16 * 2**10  # one gymnasium ForagingEnv (measured about 7 KiB) and its buffers
+_STREAM_SLIP = 1
 
 
 def _import_lbforaging():
@@ -81,14 +89,16 @@ def _lbf_spec(gym_id: str, foraging_cls) -> gym.envs.registration.EnvSpec:
 class LBFEnv(BatchedEnv):
     """``num_envs`` Level-Based Foraging envs of one gymnasium id, on torch tensors.
 
-    ``max_episode_steps`` overrides the env's time limit (LBF's own default is 50 steps). Other
-    keyword arguments go to ``lbforaging.foraging.ForagingEnv`` (e.g. ``penalty=0.1``).
-    The gymnasium envs are in ``self.gym_envs``.
+    ``max_episode_steps`` overrides the env's time limit (LBF's own default is 50 steps).
+    ``slip_prob`` in [0, 1] is the probability that an agent's action is replaced by NONE (see
+    the module docstring). Other keyword arguments go to ``lbforaging.foraging.ForagingEnv``
+    (e.g. ``penalty=0.1``). The gymnasium envs are in ``self.gym_envs``.
     """
 
     def __init__(self, gym_id: str, num_envs: int = 1, seed: int = 0, device="cpu",
-                 max_episode_steps: int | None = None, **env_kwargs):
-        super().__init__(num_envs, seed, device)
+                 max_episode_steps: int | None = None, slip_prob: float = 0.0, **env_kwargs):
+        self.slip_prob = require_float("slip_prob", slip_prob, 0.0, 1.0)
+        super().__init__(num_envs, seed, device, bytes_per_env=_BYTES_PER_ENV, what="lbf")
         foraging_cls = _import_lbforaging()
         spec = _lbf_spec(gym_id, foraging_cls)
         self.gym_id = spec.id
@@ -122,7 +132,6 @@ class LBFEnv(BatchedEnv):
 
         self._obs = np.zeros((self.num_envs, self.n_agents, self.obs_dim), dtype=np.float32)
         self._seeded = [False] * self.num_envs
-        self._started = False
 
     # --- BatchedEnv interface -----------------------------------------------------------------
     def _reset_envs(self, mask: torch.Tensor) -> None:
@@ -133,12 +142,12 @@ class LBFEnv(BatchedEnv):
                 self._seeded[i] = True
             obs, _ = self.gym_envs[i].reset(seed=seed)
             self._obs[i] = np.asarray(obs, dtype=np.float32).reshape(self.n_agents, self.obs_dim)
-        self._started = True
 
     def _step(self, actions: torch.Tensor):
-        if not self._started:
-            raise RuntimeError("call reset() before step()")
         E = self.num_envs
+        if self.slip_prob > 0.0:
+            slip = self._uniform((self.n_agents,), _STREAM_SLIP) < self.slip_prob
+            actions = actions.masked_fill(slip, 0)  # NONE
         acts = actions.cpu().numpy().tolist()
         reward = np.zeros(E, dtype=np.float32)
         cleared = np.zeros(E, dtype=bool)
@@ -159,6 +168,10 @@ class LBFEnv(BatchedEnv):
         state = obs.reshape(self.num_envs, self.state_dim).clone()
         avail = torch.ones(self.num_envs, self.n_agents, _N_ACTIONS, dtype=torch.bool, device=self.device)
         return obs, state, avail
+
+    def obs_bounds(self):
+        """LBF's own observation space bounds (also ``self.obs_low`` / ``self.obs_high``)."""
+        return self.obs_low, self.obs_high
 
     def close(self) -> None:
         for e in self.gym_envs:

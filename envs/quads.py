@@ -128,7 +128,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .core import BatchedEnv
+from .core import BatchedEnv, require_float
 
 # --- Crazyflie constants (quad-swarm-rl crazyflie_params / QuadLink) ----------------------------
 GRAV = 9.81
@@ -235,8 +235,10 @@ class QuadSwarm(BatchedEnv):
         collision_penalty: one-off penalty for entering a drone–drone collision (5.0).
         proximity_penalty: maximum proximity penalty rate per neighbour closer than 4·arm,
             multiplied by the control dt (10.0).
-        thrust_scale: scales every motor's maximum thrust (actuation degradation for robustness
-            tests, e.g. 0.85); the vel13 controller keeps assuming the nominal thrust.
+        thrust_scale: scales every motor's maximum thrust (weaker motors, for robustness tests;
+            ``envs.env_shift_kwargs`` uses 0.8, which leaves a thrust-to-weight ratio of
+            1.9·0.8 = 1.52, so a drone can still hover, at 66% instead of 53% of full thrust).
+            The vel13 controller and ``null_action`` keep assuming the nominal thrust.
 
     Attributes besides the ``BatchedEnv`` ones: ``scenario``, ``action_mode``, ``control_dt``,
     ``sim_dt``, ``substeps``, ``n_neighbors``, ``grace_steps``, ``reward_factor``,
@@ -289,13 +291,16 @@ class QuadSwarm(BatchedEnv):
             episode_limit = round((15.0 if action_mode == "motors" else 10.0) / (SIM_DT * substeps))
         if not is_int(episode_limit) or episode_limit < 1:
             raise ValueError(f"episode_limit must be an integer >= 1, got {episode_limit!r}")
-        for name, val in (("thrust_scale", thrust_scale), ("collision_penalty", collision_penalty),
-                          ("proximity_penalty", proximity_penalty)):
-            if not isinstance(val, (int, float, np.number)) or not math.isfinite(val) or val < 0 \
-                    or (name == "thrust_scale" and val == 0):
-                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'thrust_scale' else '>= 0'}, "
-                                 f"got {val!r}")
-        super().__init__(num_envs, seed, device)
+        require_float("thrust_scale", thrust_scale, 0.0, low_open=True)
+        require_float("collision_penalty", collision_penalty, 0.0)
+        require_float("proximity_penalty", proximity_penalty, 0.0)
+        K = min(int(n_neighbors), n_agents - 1)
+        obs_dim = 18 + 6 * K
+        # peak per step, measured: ~96 bytes per agent pair (pairwise distances, collision masks,
+        # neighbour sorting) and ~20 bytes per observation feature (obs, gathers, noise) + state
+        super().__init__(num_envs, seed, device,
+                         bytes_per_env=96.0 * n_agents ** 2 + 4.0 * n_agents * (5 * obs_dim + 60),
+                         what=f"quads with n_agents={n_agents}, n_neighbors={K}")
 
         self.scenario, self.action_mode = scenario, action_mode
         self.n_agents = N = int(n_agents)
@@ -551,6 +556,40 @@ class QuadSwarm(BatchedEnv):
         self._prev_col = torch.zeros_like(self._prev_col)
         self._pair_cache = None
         return self._observe()
+
+    def null_action(self) -> torch.Tensor:
+        """Motors: the nominal hover command ``HOVER_ACTION`` for every agent, ``[N, 4]`` float32
+        (what a disabled drone's firmware outputs; with ``thrust_scale < 1`` it sinks). vel13:
+        set-point 0 (zero velocity), int64 ``[N]``."""
+        if self.is_discrete:
+            return super().null_action()
+        return torch.full((self.n_agents, 4), HOVER_ACTION, dtype=torch.float32, device=self.device)
+
+    def obs_bounds(self):
+        """Bounds of the observation for the states ``reset`` and ``step`` reach (``set_state`` can
+        leave them): position relative to the goal from the room and the goals' range, rotation
+        matrix ±1, body rates ±40 rad/s, neighbours ±10 m and ±6 m/s, plus the largest sensor noise
+        (the Box–Muller normals are truncated at ±4.25σ). The own velocity has no bound (±inf)."""
+        if self.scenario == "same-goal":
+            g_lo = g_hi = torch.tensor(SAME_GOAL, dtype=torch.float64)
+        else:  # formation centres are clamped to a box; offsets scale with the spacing
+            offs = self._form_table.double().reshape(-1, 3).cpu()
+            o_lo = torch.minimum(offs.min(0).values * FORMATION_SPACING[0], offs.min(0).values * FORMATION_SPACING[1])
+            o_hi = torch.maximum(offs.max(0).values * FORMATION_SPACING[0], offs.max(0).values * FORMATION_SPACING[1])
+            g_lo = self._center_lo.double().cpu() + o_lo
+            g_hi = self._center_hi.double().cpu() + o_hi
+        room_lo = torch.tensor([ROOM_LO[0], ROOM_LO[1], FLOOR_Z], dtype=torch.float64)
+        room_hi = torch.tensor(ROOM_HI, dtype=torch.float64)
+        noise = 4.25 * torch.tensor(SENSOR_NOISE_STD, dtype=torch.float64) * float(self.sensor_noise)
+        inf = torch.full((3,), math.inf, dtype=torch.float64)
+        extent = room_hi - room_lo
+        own_hi = torch.cat([room_hi - g_lo + noise[0], inf, torch.ones(9, dtype=torch.float64),
+                            torch.full((3,), OMEGA_MAX + noise[2].item(), dtype=torch.float64)])
+        own_lo = torch.cat([room_lo - g_hi - noise[0], -inf, -torch.ones(9, dtype=torch.float64),
+                            torch.full((3,), -OMEGA_MAX - noise[2].item(), dtype=torch.float64)])
+        nbr = torch.cat([extent, torch.full((3,), OBS_VEL_CLIP, dtype=torch.float64)]).repeat(self.n_neighbors)
+        low, high = torch.cat([own_lo, -nbr]), torch.cat([own_hi, nbr])
+        return low.to(self.device, torch.float32), high.to(self.device, torch.float32)
 
     # --- dynamics ----------------------------------------------------------------------------
     def _vel_controller(self, v_des: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,11 @@ within ``success_radius`` (default 5% of the world size, 10 units) of the swarm 
 
 ``discrete=True`` (id ``rendezvous-discrete``) replaces the Box action by ``Discrete(7)`` wheel
 commands, see ``WHEEL_COMMANDS``.
+
+``speed_scale`` (default 1.0, the authors' robots) models weaker wheel motors: a command drives the
+wheels ``speed_scale`` times as fast, so both the forward speed and the turn rate scale by it
+(``v = speed_scale·7.5344·(u0 + u1)``, ``ω = speed_scale·2.65062·(u1 − u0)``). The control cost in
+the reward stays a function of the command ``u``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from .core import BatchedEnv
+from .core import BatchedEnv, require_float, require_int
 
 SPEED_GAIN = 7.5344  # units/s per unit of (u0 + u1)
 TURN_GAIN = 2.65062  # rad/s per unit of (u1 - u0)
@@ -71,23 +76,27 @@ class Rendezvous(BatchedEnv):
         comm_radius: distance normaliser of observations, state and reward.
         discrete: use the ``Discrete(7)`` wheel commands instead of ``Box(2)``.
         success_radius: radius around the centroid that defines success (default 0.05·world_size).
+        speed_scale: wheel speed per unit command relative to the authors' robots (> 0; 1.0 is
+            their dynamics bit for bit, 0.7 = weaker wheels: 70% of the speed and turn rate).
     """
 
     def __init__(self, num_envs: int = 1, seed: int = 0, device="cpu", n_agents: int = 10,
                  episode_limit: int = 200, world_size: float = 200.0, comm_radius: float = 282.0,
-                 discrete: bool = False, success_radius: float | None = None):
-        super().__init__(num_envs, seed, device)
-        if int(n_agents) < 2:
-            raise ValueError(f"rendezvous needs n_agents >= 2, got {n_agents}")
-        if int(episode_limit) < 1 or world_size <= 0 or comm_radius <= 0:
-            raise ValueError("episode_limit, world_size and comm_radius must be positive")
-        N = self.n_agents = int(n_agents)
-        self.episode_limit = int(episode_limit)
-        self.world_size = float(world_size)
-        self.comm_radius = float(comm_radius)
-        self.success_radius = 0.05 * self.world_size if success_radius is None else float(success_radius)
+                 discrete: bool = False, success_radius: float | None = None, speed_scale: float = 1.0):
+        N = self.n_agents = require_int("rendezvous n_agents", n_agents, 2)
+        self.episode_limit = require_int("episode_limit", episode_limit, 1)
+        self.world_size = require_float("world_size", world_size, 0.0, low_open=True)
+        self.comm_radius = require_float("comm_radius", comm_radius, 0.0, low_open=True)
+        self.success_radius = 0.05 * self.world_size if success_radius is None else \
+            require_float("success_radius", success_radius, 0.0, low_open=True)
+        self.speed_scale = require_float("speed_scale", speed_scale, 0.0, low_open=True)
+        # (× 1.0 is exact: the default keeps the authors' dynamics bit for bit)
+        self._speed_gain, self._turn_gain = SPEED_GAIN * self.speed_scale, TURN_GAIN * self.speed_scale
         self.obs_dim = 5 * (N - 1) + 5
         self.state_dim = N * (N - 1) // 2 + N * N
+        # peak per step: about 25 float32 [E, N, N] tensors (pairwise features) plus obs and state
+        super().__init__(num_envs, seed, device, bytes_per_env=100.0 * N * N + 8.0 * N * self.obs_dim,
+                         what=f"rendezvous with n_agents={N}")
         if discrete:
             self.action_space = gym.spaces.Discrete(len(WHEEL_COMMANDS))
             self._commands = torch.tensor(WHEEL_COMMANDS, dtype=torch.float32, device=self.device)
@@ -112,8 +121,8 @@ class Rendezvous(BatchedEnv):
 
     def _step(self, actions):
         u = self._commands[actions] if self.is_discrete else actions
-        v = SPEED_GAIN * (u[..., 0] + u[..., 1])
-        w_dt = TURN_GAIN * (u[..., 1] - u[..., 0]) * SUB_DT
+        v = self._speed_gain * (u[..., 0] + u[..., 1])
+        w_dt = self._turn_gain * (u[..., 1] - u[..., 0]) * SUB_DT
         pos, theta = self.pos, self.theta
         for _ in range(SUB_STEPS):
             heading = torch.stack((torch.cos(theta), torch.sin(theta)), -1)
@@ -130,6 +139,15 @@ class Rendezvous(BatchedEnv):
         centroid = self.pos.mean(1, keepdim=True)
         success = ((self.pos - centroid).norm(dim=-1) <= self.success_radius).all(1)
         return reward, terminated, success, {}
+
+    def obs_bounds(self):
+        """Distances ``D/R`` in ``[0, √2·world_size/R]``, cosines and sines in ``[-1, 1]``, wall
+        distance in ``[0, 1]`` and the two padding features 0."""
+        d_max = math.hypot(self.world_size, self.world_size) / self.comm_radius  # the world's diagonal
+        low = [0.0, -1.0, -1.0, -1.0, -1.0] * (self.n_agents - 1) + [0.0, -1.0, -1.0, 0.0, 0.0]
+        high = [d_max, 1.0, 1.0, 1.0, 1.0] * (self.n_agents - 1) + [1.0, 1.0, 1.0, 0.0, 0.0]
+        return (torch.tensor(low, dtype=torch.float32, device=self.device),
+                torch.tensor(high, dtype=torch.float32, device=self.device))
 
     def pairwise_distance(self) -> torch.Tensor:
         """``[E,N,N]`` distances between agents (diagonal 0)."""

@@ -143,6 +143,7 @@ class SMACEnv(BatchedEnv):
 
     Keyword arguments go to ``StarCraft2Env`` (e.g. ``difficulty="7"``,
     ``reward_only_positive=False``, ``reward_defeat=-200``). ``self.smac_envs`` holds them.
+    ``obs_bounds()`` is None: SMAC normalises its features but does not state their range.
     """
 
     def __init__(self, map_name: str, num_envs: int = 1, seed: int = 0, device="cpu", **smac_kwargs):
@@ -173,7 +174,6 @@ class SMACEnv(BatchedEnv):
         self._obs = np.zeros((E, N, self.obs_dim), dtype=np.float32)
         self._state = np.zeros((E, self.state_dim), dtype=np.float32)
         self._avail = np.zeros((E, N, A), dtype=bool)
-        self._started = False
 
     def _read(self, i: int) -> None:
         env = self.smac_envs[i]
@@ -186,11 +186,8 @@ class SMACEnv(BatchedEnv):
         for i in np.flatnonzero(mask.cpu().numpy()):
             self.smac_envs[i].reset()
             self._read(int(i))
-        self._started = True
 
     def _step(self, actions: torch.Tensor):
-        if not self._started:
-            raise RuntimeError("call reset() before step()")
         acts = actions.cpu().numpy()
         ok = np.take_along_axis(self._avail, acts[..., None], axis=-1)[..., 0]
         if not ok.all():
@@ -232,6 +229,12 @@ class SMACEnv(BatchedEnv):
                  "dead_enemies": torch.as_tensor(dead[1], device=dev)}
         return (torch.as_tensor(reward, device=dev), torch.as_tensor(terminated, device=dev),
                 torch.as_tensor(won, device=dev), extra)
+
+    def null_action(self) -> torch.Tensor:
+        """Action 0 (no-op) for every agent, int64 ``[N]``. SMAC makes no-op available to dead units
+        only: a disabled *live* unit should stop instead (action 1, available to every live
+        unit), i.e. use ``torch.where(avail[..., 1], 1, 0)`` per step."""
+        return super().null_action()
 
     def _observe(self):
         dev = self.device

@@ -276,3 +276,48 @@ def test_missing_package_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "lbforaging", None)
     with pytest.raises(ImportError, match="pip install lbforaging"):
         envs.make(COOP)
+
+
+# --- slip (environment shift) -------------------------------------------------------------------
+def _player_positions(env):
+    return [[tuple(int(v) for v in p.position) for p in g.unwrapped.players] for g in env.gym_envs]
+
+
+def test_slip_prob_one_freezes_every_agent():
+    env = envs.make(COOP, num_envs=3, seed=4, slip_prob=1.0)
+    obs0, _, _ = env.reset()
+    start = _player_positions(env)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        obs, *_ = env.step(random_actions(gen, env))
+    assert _player_positions(env) == start and torch.equal(obs, obs0)
+
+
+def test_slip_prob_replaces_that_share_of_moves_by_none():
+    def moved_share(p):
+        env = envs.make(COOP, num_envs=8, seed=1, slip_prob=p, max_episode_steps=1000)
+        env.reset()
+        moved = tries = 0
+        for t in range(80):
+            before = _player_positions(env)
+            # alternate EAST and WEST: always possible on an empty row unless a wall, food or agent blocks
+            env.step(torch.full((8, 2), EAST if t % 2 == 0 else WEST, dtype=torch.int64))
+            after = _player_positions(env)
+            moved += sum(a != b for pe, qe in zip(before, after) for a, b in zip(pe, qe))
+            tries += 16
+        return moved / tries
+    plain, slipping = moved_share(0.0), moved_share(0.5)
+    assert 0.35 * plain < slipping < 0.65 * plain, (plain, slipping)
+
+
+def test_slip_is_deterministic_and_batch_independent():
+    gen = torch.Generator().manual_seed(7)
+    actions = [torch.randint(0, 6, (4, 2), generator=gen) for _ in range(60)]
+    a = _rollout(COOP, 4, 3, actions, slip_prob=0.3)
+    b = _rollout(COOP, 4, 3, actions, slip_prob=0.3)
+    one = _rollout(COOP, 1, 3, actions, slip_prob=0.3)
+    plain = _rollout(COOP, 4, 3, actions)
+    for x, y, z in zip(a, b, one):
+        for u, v, w in zip(x, y, z):
+            assert torch.equal(u, v) and torch.equal(u[:1], w)
+    assert any(not torch.equal(x[0], p[0]) for x, p in zip(a, plain))

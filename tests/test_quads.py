@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import envs
-from envs.quads import (ARM, GRAV, HITBOX, HOVER_ACTION, HOVER_CMD, PROX_FALLOFF, SIM_DT, VEL13_SETPOINTS,
-                        QuadSwarm)
+from envs.quads import (ARM, GRAV, HITBOX, HOVER_ACTION, HOVER_CMD, PROX_FALLOFF, SIM_DT, THRUST_TO_WEIGHT,
+                        VEL13_SETPOINTS, QuadSwarm)
 
 IDS = ["quads-same-goal", "quads-swarm-vs-swarm", "quads-same-goal-discrete", "quads-swarm-vs-swarm-discrete"]
 QUIET = dict(sensor_noise=False, thrust_noise=False)
@@ -121,6 +121,7 @@ def test_all_neighbours_in_index_order_and_single_agent():
     torch.testing.assert_close(obs[:, 2, 24:27], p[:, 1] - p[:, 2])
     solo = envs.make("quads-same-goal", n_agents=1)
     assert solo.n_neighbors == 0 and solo.obs_dim == 18
+    solo.reset()
     obs, *_ = solo.step(hover(solo))
     assert obs.shape == (1, 1, 18)
 
@@ -433,3 +434,33 @@ def test_bad_option_through_make():
         envs.make("quads-same-goal", not_an_option=1)
     with pytest.raises(ValueError, match="known ids"):
         envs.make("quads-nope")
+
+
+def test_default_env_shift_still_lets_a_drone_hover():
+    """thrust_scale 0.8 (envs.env_shift_kwargs): thrust-to-weight 1.52 > 1, so the scaled hover
+    command holds altitude and full thrust climbs; the nominal hover command sinks."""
+    scale = envs.env_shift_kwargs("quads-same-goal")["thrust_scale"]
+    assert THRUST_TO_WEIGHT * scale > 1.4
+    env = envs.make("quads-same-goal", n_agents=1, thrust_scale=scale, **QUIET)
+    env.reset()
+    cmd = 1.0 / (THRUST_TO_WEIGHT * scale)
+    env.set_state(pos=(0.0, 0.0, 2.0), vel=0.0, omega=0.0, R=torch.eye(3), motor=cmd)
+    for _ in range(100):
+        env.step(torch.full((1, 1, 4), 2.0 * cmd - 1.0))
+    assert abs(env.pos[0, 0, 2].item() - 2.0) < 1e-3 and env.vel.abs().max() < 1e-3
+    for _ in range(50):
+        env.step(torch.ones(1, 1, 4))
+    assert env.vel[0, 0, 2] > 2.0  # climbs
+    env.set_state(pos=(0.0, 0.0, 2.0), vel=0.0, omega=0.0, R=torch.eye(3), motor=HOVER_CMD)
+    for _ in range(50):
+        env.step(hover(env))
+    assert env.vel[0, 0, 2].item() == pytest.approx(-0.2 * GRAV * 0.5, rel=0.05)
+    # vel13: the controller assumes nominal thrust, so holding sinks at a steady ~0.5 m/s and
+    # the +1 m/s set-point climbs at ~0.5 m/s
+    disc = envs.make("quads-same-goal-discrete", n_agents=1, thrust_scale=scale, **QUIET)
+    disc.reset()
+    disc.set_state(pos=(0.0, 0.0, 5.0), vel=0.0, omega=0.0, R=torch.eye(3), motor=HOVER_CMD)
+    for action, vz in ((0, -0.49), (11, 0.51)):
+        for _ in range(40):
+            disc.step(torch.tensor([[action]]))
+        assert disc.vel[0, 0, 2].item() == pytest.approx(vz, abs=0.02)

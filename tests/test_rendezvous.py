@@ -132,3 +132,44 @@ def test_termination_when_gathered_and_still():
     assert not torch.equal(obs[0], info["final_obs"][0])
     assert info["final_state"][0, :3].max() * 282 < 1.0
     assert env.t.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.3])
+def test_speed_scale_scales_forward_speed_and_turn_rate(scale):
+    env = envs.make("rendezvous", n_agents=2, speed_scale=scale)
+    env.reset()
+    place(env, [[50.0, 60.0], [120.0, 100.0]], [0.3, 2.0])
+    env.step(torch.ones(1, 2, 2))
+    step = scale * 2 * 7.5344 * 0.1  # weaker (or stronger) wheels: the same command goes less far
+    expect = torch.tensor([[50 + step * math.cos(0.3), 60 + step * math.sin(0.3)],
+                           [120 + step * math.cos(2.0), 100 + step * math.sin(2.0)]])
+    torch.testing.assert_close(env.pos[0], expect, atol=1e-4, rtol=0)
+    before = env.theta.clone()
+    _, _, _, reward, *_ = env.step(torch.tensor([[[-1.0, 1.0], [1.0, -1.0]]]))
+    turn = scale * 2 * 2.65062 * 0.1
+    torch.testing.assert_close(env.theta[0], torch.remainder(before[0] + torch.tensor([turn, -turn]), 2 * math.pi),
+                               atol=1e-5, rtol=0)
+    # the control cost is a function of the command, not of the wheel speed
+    d = env.pairwise_distance()[0, 0, 1].item()
+    assert reward.item() == pytest.approx(-d / 282 - 0.001, rel=1e-5)
+
+
+def test_weaker_wheels_still_gather_the_swarm():
+    """speed_scale 0.7 (the default env shift): the scripted controller still succeeds, at a lower return."""
+    def run(**kw):
+        E = 16
+        env = envs.make("rendezvous", num_envs=E, seed=4, **kw)
+        env.reset()
+        returns, success = torch.zeros(E), torch.zeros(E, dtype=torch.bool)
+        seen = torch.zeros(E, dtype=torch.bool)
+        for _ in range(200):  # the first episode of every env
+            *_, terminated, truncated, info = env.step(scripted_actions(env))
+            new = (terminated | truncated) & ~seen
+            returns[new], success[new] = info["episode_return"][new], info["success"][new]
+            seen |= new
+        assert seen.all()
+        return returns.mean().item(), success.float().mean().item()
+
+    (r_base, s_base), (r_weak, s_weak) = run(), run(**envs.env_shift_kwargs("rendezvous"))
+    assert s_base == 1.0 and s_weak == 1.0
+    assert r_weak < r_base - 1.0
