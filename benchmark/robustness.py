@@ -176,8 +176,16 @@ def borrow(spec: dict, method: str, seed: int):
 
 
 def quote(cmd: list) -> str:
-    """A command as one shell line, with ``python`` for this interpreter."""
-    return " ".join("python" if c == sys.executable else shlex.quote(c) for c in cmd)
+    """A command as one shell line, as typed in the repo root (``python mir3_maddpg.py ...``)."""
+
+    def shown(c: str) -> str:
+        if c == sys.executable:
+            return "python"
+        if c.endswith(".py") and os.path.abspath(c).startswith(ROOT + os.sep):
+            return os.path.relpath(os.path.abspath(c), ROOT)
+        return shlex.quote(c)
+
+    return " ".join(map(shown, cmd))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +225,7 @@ def run_logged(cmd: list, log: str, threads: int) -> tuple:
     return code, time.time() - start
 
 
-def run_unit(spec: dict, method: str, seed: int, threads: int, say=print) -> bool:
+def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_only=False) -> bool:
     """Train and attack one (method, seed); write its result JSON. False if a command failed."""
     out = result_path(spec, method, seed)
     if os.path.isfile(out):
@@ -255,6 +263,8 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print) -> boo
         with open(meta_path, "w") as f:
             json.dump(train, f)
 
+    if train_only:
+        return True
     attacks = []
     for i, adversaries in enumerate(spec["attack"]["adversaries"]):
         report = os.path.join(work, f"attack_{adv_tag(adversaries)}.json")
@@ -287,7 +297,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print) -> boo
     return True
 
 
-def cmd_run(spec: dict, workers: int, index, only_methods, only_seeds) -> int:
+def cmd_run(spec: dict, workers: int, index, only_methods, only_seeds, train_only=False) -> int:
     todo = units(spec)
     if index is not None:
         if not 0 <= index < len(todo):
@@ -305,7 +315,7 @@ def cmd_run(spec: dict, workers: int, index, only_methods, only_seeds) -> int:
     start = time.time()
     pool = ThreadPoolExecutor(workers)
     try:
-        ok = list(pool.map(lambda u: run_unit(spec, *u, threads, say), todo))
+        ok = list(pool.map(lambda u: run_unit(spec, *u, threads, say, train_only), todo))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: let every running command save, then stop
         say("interrupted: stopping the running commands (they save their checkpoints)")
         STOP.set()
@@ -541,6 +551,7 @@ def main(argv=None) -> int:
             p.add_argument("--index", type=int, default=None, help="run only this unit (0-based, as `plan` numbers them)")
             p.add_argument("--methods", nargs="*", default=None, help="run only these methods")
             p.add_argument("--seeds", nargs="*", type=int, default=None, help="run only these seeds")
+            p.add_argument("--train-only", action="store_true", help="train, attack later (e.g. after a fix to the attack)")
         if name == "slurm":
             p.add_argument("--cpus", type=int, default=2, help="CPUs per array task")
             p.add_argument("--hours", type=float, default=2.0, help="time limit per array task")
@@ -558,7 +569,7 @@ def main(argv=None) -> int:
             if unknown:
                 raise SpecError(f"unknown methods {sorted(unknown)}; the experiment has {', '.join(spec['methods'])}")
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM acts like Ctrl-C
-            return cmd_run(spec, args.workers, args.index, args.methods, args.seeds)
+            return cmd_run(spec, args.workers, args.index, args.methods, args.seeds, args.train_only)
         if args.command == "slurm":
             if args.cpus < 1 or not 0 < args.hours < 1000 or not math.isfinite(args.hours):
                 raise SpecError("--cpus must be >= 1 and --hours in (0, 1000)")
