@@ -5,16 +5,28 @@
 # maximises the negated team reward, train it with PPO (shared actor over the adversary agents,
 # centralised value on the global state), then report greedy-evaluation returns for: no attack,
 # a random-action adversary, the trained worst-case adversary, and on request the paper's Table I
-# disturbances (observation noise, action repeat) and IBAL's disabled teammates (Dis-k).
+# disturbances (observation noise relative to each observation dim's spread, action repeat, a
+# shifted environment) and IBAL's disabled teammates (Dis-k) and interaction-breaking attack.
+# Every condition reports the mean return with a Student-t 95% interval, the success rate with a
+# Wilson 95% interval, and the per-episode returns and successes.
 #
 #   python attack_worstcase.py --checkpoint runs/<run>/mir3_maddpg.pt --adversaries 0 \
 #       --total-timesteps 200000 --eval-episodes 32 [--report out.json] [--plot]
+#   python attack_worstcase.py --checkpoint <ckpt> --obs-noise 0.1 --action-repeat 0.3 --disable 1 \
+#       --env-shift default                       # or --env-shift '{"thrust_scale": 0.7}'
 #   python attack_worstcase.py --adversary-checkpoint runs/<attack run>/attack_worstcase.pt  # re-evaluate
+#
+# SIGINT, SIGTERM and SIGUSR1 (a scheduler's notice before preemption) stop the run cleanly: during
+# training the adversary is saved, during the final evaluation a report of the conditions finished
+# so far is written with "partial": true; the exit code is 128 + the signal number.
+import contextlib
 import ctypes
 import importlib
 import json
 import math
 import os
+import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +50,10 @@ QMIX_SCRIPTS = ("mir3_qmix", "ibal_qmix")
 # condition "interaction_breaking". It is looked up in the checkpoint's own module, then (for
 # QMIX-based checkpoints) in ibal_qmix.py; when absent the condition is reported as unavailable.
 IBAL_HOOK = "interaction_breaking_attack"
+# --obs-noise σ is relative: the noise on dim d has std σ·spread_d, where spread_d is the std of dim d over
+# the defender's observations in the natural episodes (all agents, steps and episodes), measured once.
+OBS_NOISE_RULE = ("sigma x per-dimension std of the defender's observations over the natural episodes "
+                  "(all agents, steps, episodes); dims with a std below 1e-6 of the largest get no noise")
 
 
 @dataclass
@@ -101,11 +117,15 @@ class Args:
     eval_episodes: int = 32
     """greedy episodes per condition (one per evaluation env)"""
     obs_noise: Tuple[float, ...] = ()
-    """Table I: Gaussian observation noise σ on every defender observation (one condition per σ)"""
+    """Table I: Gaussian noise on every defender observation, σ × each dim's std over the natural episodes' observations (one condition per σ)"""
     action_repeat: Tuple[float, ...] = ()
     """Table I: each agent repeats its previous action with probability p (one condition per p)"""
     disable: Tuple[int, ...] = ()
     """IBAL's Dis-k: k random agents do nothing for the whole episode (one condition per k)"""
+    env_shift: Optional[str] = None
+    """Table I: add the condition env_shift, the team in an env built with these options on top (a JSON object, or 'default': the env's own shift)"""
+    env_kwargs: Optional[str] = None
+    """extra env constructor options as a JSON object, e.g. '{"episode_limit": 100}', on top of the checkpoint's (every condition and training)"""
     interaction_breaking: bool = False
     """add IBAL's interaction-breaking attack when the checkpoint's module provides it"""
     report: Optional[str] = None
@@ -144,13 +164,60 @@ def read_checkpoint(path: str, what: str) -> dict:
     """torch.load(weights_only=True) of a dict, or one clear error line."""
     if not path or not os.path.isfile(path):
         fail(f"{what} not found: {path}")
+    if os.path.getsize(path) == 0:
+        fail(f"{what} {path} is empty (0 bytes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip or weights-only errors: all mean "not a checkpoint we can read"
-        fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {first_line(e)[:120]})")
     if not isinstance(ckpt, dict):
         fail(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    bad = non_finite_tensor(ckpt.get("models"), "models")
+    if bad is not None:  # a diverged run: its numbers would mean nothing
+        fail(f"{what} {path} has non-finite values (NaN or inf) in {bad}")
     return ckpt
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def non_finite_tensor(tree, name: str) -> Optional[str]:
+    """The dotted name of the first floating tensor with a NaN or inf in nested dicts / lists, or None."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite_tensor(value, f"{name}.{key}")
+        if found is not None:
+            return found
+    return None
+
+
+def parse_json_object(text: str, flag: str) -> dict:
+    """A flag's JSON object of env options, or one clear error line."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        fail(f"{flag} must be a JSON object such as '{{\"episode_limit\": 100}}', got {text!r}")
+    return value
+
+
+def check_writable(directory: str, what: str) -> None:
+    """Create ``directory`` and write and remove a probe file in it, so that a long run cannot end
+    in an unwritable report or checkpoint."""
+    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"{what} {directory!r} is not writable ({e.strerror or first_line(e)})")
 
 
 def import_script(name: str):
@@ -182,6 +249,132 @@ def null_actions(env, env_id: str) -> torch.Tensor:
     hover = getattr(sys.modules.get(type(env).__module__), "HOVER_ACTION", None)  # quads motors: hover
     value = 0.0 if hover is None else float(hover)
     return torch.full((N, env.n_actions), value, device=env.device)
+
+
+def executed_last_action_fn(script: str, module):
+    """QMIX agents keep the one-hot of their last action in their hidden state, and ``act`` records
+    the action they chose. When the executed action differs (an adversary, a repeat, a disabled
+    agent), the script's ``executed_as_last_action(hidden, actions, n_actions)`` puts the executed
+    one there instead, as in their training. None for the scripts without a last-action input."""
+    if script not in QMIX_SCRIPTS:
+        return None
+    fn = getattr(module, "executed_as_last_action", None)
+    if not callable(fn):
+        fail(f"{script}.py has no executed_as_last_action(); it is needed to attack QMIX agents")
+    return fn
+
+
+class Interrupts:
+    """SIGINT (Ctrl-C), SIGTERM and SIGUSR1 (what cluster schedulers send before preempting a job)
+    all raise KeyboardInterrupt, so one ``except`` saves what there is. Inside ``held()`` (while a
+    file is written) a signal is only noted, so that a second Ctrl-C never cuts a save short."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum, self.holding, self.pending = None, False, False
+
+    def install(self) -> "Interrupts":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self)
+        return self
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+        if self.holding:
+            self.pending = True
+            print("saving, please wait", flush=True)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum or signal.SIGINT)  # the shell's convention: 130, 143, 138
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with ``df`` >= 1 (an integer) degrees of freedom, without scipy.
+
+    df <= 30: bisection on the exact CDF of integer df (Abramowitz & Stegun 26.7.3 / 26.7.4).
+    df > 30: the Cornish-Fisher expansion around the normal quantile (A&S 26.7.5), whose error
+    there is below 1e-6 at p = 0.975.
+    """
+    if not 0.0 < p < 1.0 or int(df) != df or df < 1:
+        raise ValueError(f"need 0 < p < 1 and an integer df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -student_t_quantile(1.0 - p, df)
+    if df > 30:
+        x, v = statistics.NormalDist().inv_cdf(p), float(df)
+        return (x + (x**3 + x) / (4 * v) + (5 * x**5 + 16 * x**3 + 3 * x) / (96 * v**2)
+                + (3 * x**7 + 19 * x**5 + 17 * x**3 - 15 * x) / (384 * v**3)
+                + (79 * x**9 + 776 * x**7 + 1482 * x**5 - 1920 * x**3 - 945 * x) / (92160 * v**4))
+
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0
+        theta = math.atan(t / math.sqrt(df))
+        c2 = math.cos(theta) ** 2
+        if df % 2:  # odd: A = 2/π (θ + sinθ cosθ (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ...))
+            term, total = 1.0, 1.0 if df > 1 else 0.0
+            for k in range(1, (df - 1) // 2):
+                term *= 2 * k / (2 * k + 1) * c2
+                total += term
+            a = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+        else:  # even: A = sinθ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ...)
+            term = total = 1.0
+            for k in range(1, df // 2):
+                term *= (2 * k - 1) / (2 * k) * c2
+                total += term
+            a = math.sin(theta) * total
+        return 0.5 + a / 2
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> List[float]:
+    """The Wilson score interval [low, high] of a success rate (stays inside [0, 1], sensible at 0 and n)."""
+    p = successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [0.0 if successes == 0 else center - half, 1.0 if successes == n else center + half]
+
+
+class ObsSpread:
+    """Per-dimension std of observations [..., D], accumulated over batches.
+
+    Sums are taken around the first observation in float64, so a dimension that never changes gets
+    exactly 0; dims below 1e-6 of the largest std count as constant (scale 0: no noise on them).
+    """
+
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2 = 0, None, 0.0, 0.0
+
+    def update(self, obs: torch.Tensor) -> None:
+        x = obs.detach().double().reshape(-1, obs.shape[-1])
+        if x.shape[0] == 0:
+            return
+        if self.shift is None:
+            self.shift = x[0].clone()
+        d = x - self.shift
+        self.n, self.s1, self.s2 = self.n + d.shape[0], self.s1 + d.sum(0), self.s2 + (d * d).sum(0)
+
+    def scale(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("no observations were measured")
+        std = ((self.s2 - self.s1**2 / self.n) / self.n).clamp(min=0.0).sqrt()
+        return torch.where(std > 1e-6 * std.max(), std, torch.zeros_like(std)).float()
 
 
 class AdversaryActor(nn.Module):
@@ -266,10 +459,13 @@ class RandomAdversary:
 
 
 @torch.no_grad()
-def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noise=0.0, repeat_p=0.0,
-                 disable_k=0, seed=0, record=False):
+def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noise=0.0, obs_scale=None,
+                 repeat_p=0.0, disable_k=0, seed=0, record=False, last_action=None, obs_spread=None):
     """One greedy episode in each of ``env.num_envs`` envs under one condition.
 
+    ``obs_noise`` σ adds Gaussian noise σ·``obs_scale`` [obs_dim] to the defender's observations.
+    ``last_action``: a QMIX script's ``executed_as_last_action``, so the agents' last-action input
+    is what was executed. ``obs_spread``: an ObsSpread fed with every observation of the episodes.
     Returns (returns [E], success [E], trajectory) where trajectory is a list of env 0's agent
     positions [N, 2] (only with ``record`` and an env that exposes ``pos``).
     """
@@ -280,6 +476,7 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
     returns = torch.zeros(E, device=dev)
     success = torch.zeros(E, dtype=torch.bool, device=dev)
     running = torch.ones(E, dtype=torch.bool, device=dev)
+    noise_std = obs_noise * obs_scale.to(dev) if obs_noise else None
     disabled = None
     if disable_k:  # k distinct random agents per env, fixed for the episode
         disabled = torch.zeros(E, N, dtype=torch.bool)
@@ -290,7 +487,9 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
     while bool(running.any()):
         if record and hasattr(env, "pos") and bool(running[0]):
             traj.append(env.pos[0, :, :2].cpu().numpy().copy())
-        d_obs = obs + obs_noise * torch.randn(obs.shape, generator=g).to(dev) if obs_noise else obs
+        if obs_spread is not None:
+            obs_spread.update(obs[running])
+        d_obs = obs + noise_std * torch.randn(obs.shape, generator=g).to(dev) if noise_std is not None else obs
         actions, hidden = defender.act(d_obs, avail, hidden)
         actions = actions.clone()
         if adversary is not None:
@@ -309,6 +508,8 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
                 repeat = repeat.unsqueeze(-1)
             actions = torch.where(repeat, prev, actions)
         prev = actions
+        if last_action is not None:
+            hidden = last_action(hidden, actions, env.n_actions)
         obs, state, avail, reward, terminated, truncated, info = env.step(actions)
         returns += reward * running
         done = (terminated | truncated) & running
@@ -318,11 +519,13 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
 
 
 def summarise(returns: torch.Tensor, success: torch.Tensor) -> dict:
+    """Mean return ± t(0.975, n-1)·s/√n, success rate and its Wilson interval, per-episode values."""
     r = returns.double().cpu()
-    n = r.numel()
-    std = float(r.std(unbiased=True)) if n > 1 else 0.0
-    return {"return_mean": float(r.mean()), "return_ci95": 1.96 * std / math.sqrt(n),
-            "success_rate": float(success.float().mean()), "episodes": int(n)}
+    n, wins = r.numel(), int(success.sum())
+    return {"return_mean": float(r.mean()),
+            "return_ci95": student_t_quantile(0.975, n - 1) * float(r.std(unbiased=True)) / math.sqrt(n),
+            "success_rate": wins / n, "episodes": int(n), "success_ci95": wilson_interval(wins, n),
+            "returns": r.tolist(), "successes": success.int().cpu().tolist()}
 
 
 def make_plot(path: str, conditions: dict, traj, adv_idx, title: str) -> None:
@@ -365,17 +568,31 @@ def make_plot(path: str, conditions: dict, traj, adv_idx, title: str) -> None:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     keep_freed_memory()
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_dim", "eval_episodes"):
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_dim"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_episodes < 2:
+        fail(f"--eval-episodes must be >= 2 (a confidence interval needs two episodes), got {args.eval_episodes}")
     if args.total_timesteps < 0 or args.eval_interval < 0:
         fail("--total-timesteps and --eval-interval must be >= 0")
-    if any(s < 0 or not math.isfinite(s) for s in args.obs_noise):
+    for name, ok, rule in (("learning_rate", lambda v: v > 0, "> 0"), ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                           ("gae_lambda", lambda v: 0 <= v <= 1, "in [0, 1]"), ("clip_coef", lambda v: v > 0, "> 0"),
+                           ("ent_coef", lambda v: v >= 0, ">= 0"), ("vf_coef", lambda v: v >= 0, ">= 0"),
+                           ("max_grad_norm", lambda v: v > 0, "> 0")):
+        if not (math.isfinite(getattr(args, name)) and ok(getattr(args, name))):  # NaN fails every comparison
+            fail(f"--{name.replace('_', '-')} must be finite and {rule}, got {getattr(args, name)}")
+    if not all(math.isfinite(s) and s >= 0 for s in args.obs_noise):
         fail(f"--obs-noise must be finite and >= 0, got {list(args.obs_noise)}")
-    if any(not 0.0 <= p <= 1.0 for p in args.action_repeat):
+    if not all(0.0 <= p <= 1.0 for p in args.action_repeat):
         fail(f"--action-repeat must lie in [0, 1], got {list(args.action_repeat)}")
     if args.adversaries is not None and args.num_adversaries is not None:
         fail("give either --adversaries or --num-adversaries, not both")
+    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
+        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
+    extra_env_kwargs = parse_json_object(args.env_kwargs, "--env-kwargs") if args.env_kwargs is not None else {}
+    shift = None  # env options of the env_shift condition
+    if args.env_shift is not None and args.env_shift != "default":
+        shift = parse_json_object(args.env_shift, "--env-shift")
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -404,16 +621,19 @@ if __name__ == "__main__":
     except KeyError as e:
         fail(f"checkpoint {args.checkpoint} is incomplete: missing {e}")
     except (ValueError, TypeError, RuntimeError) as e:
-        fail(f"cannot load the {script} policy from {args.checkpoint}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if not isinstance(meta["env_kwargs"], dict) or not isinstance(meta["env_id"], str):
+        fail(f"cannot load the {script} policy from {args.checkpoint}: {first_line(e)}")
+    if not isinstance(meta["env_kwargs"], dict) or not all(isinstance(k, str) for k in meta["env_kwargs"]) \
+            or not isinstance(meta["env_id"], str):
         fail(f"checkpoint {args.checkpoint} has a malformed env_id / env_kwargs")
+    last_action = executed_last_action_fn(script, module)
     env_id = args.env_id or meta["env_id"]
-    env_kwargs = dict(meta["env_kwargs"])
+    env_kwargs = {**meta["env_kwargs"], **extra_env_kwargs}
     run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    origin = "the checkpoint's env_kwargs" + (" and --env-kwargs" if extra_env_kwargs else "")
     try:
         env = envs.make(env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
-    except (ValueError, ImportError) as e:
-        fail(str(e).splitlines()[0])
+    except (ValueError, TypeError, ImportError) as e:  # unknown ids and options, bad values
+        fail(f"cannot build env {env_id!r} from {origin} {env_kwargs}: {first_line(e)}")
     found = {"n_agents": env.n_agents, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
              "action_space": action_space_dict(env.action_space)}
     for key, value in found.items():
@@ -421,8 +641,32 @@ if __name__ == "__main__":
             fail(f"env {env_id!r} does not match the checkpoint (trained on {meta['env_id']!r}): "
                  f"{key} is {value} here but {meta[key]} in the checkpoint")
 
-    def make_eval_env():  # a fresh copy per condition: every condition starts from the same states
-        return envs.make(env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device, **env_kwargs)
+    def make_eval_env(options=None):  # a fresh copy per condition: every condition starts from the same states
+        return envs.make(env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device,
+                         **{**env_kwargs, **(options or {})})
+
+    if args.env_shift == "default":
+        if not callable(getattr(envs, "env_shift_kwargs", None)):
+            fail("--env-shift default needs envs.env_shift_kwargs(), which this envs package lacks; give a JSON object")
+        try:
+            shift = envs.env_shift_kwargs(env_id)
+        except ValueError as e:
+            fail(f"--env-shift default: {first_line(e)}")
+    if shift is not None:  # build the shifted env once now, so that a bad option never costs a training run
+        try:
+            shifted = make_eval_env(shift)
+        except (ValueError, TypeError, ImportError) as e:
+            fail(f"--env-shift {json.dumps(shift)} on {env_id!r}: {first_line(e)}")
+        for key, value in found.items():
+            shifted_value = action_space_dict(shifted.action_space) if key == "action_space" else getattr(shifted, key)
+            if shifted_value != value:
+                fail(f"--env-shift {json.dumps(shift)} changes {key} ({value} -> {shifted_value}); the team cannot act there")
+        shifted.close()
+    if args.report is not None and os.path.isdir(args.report):
+        fail(f"--report {args.report!r} is a directory; give a file name")
+    if args.report is not None:
+        check_writable(os.path.dirname(os.path.abspath(args.report)), "the directory of --report")
+    check_writable("runs", "the run directory")
 
     N, discrete, space = env.n_agents, env.is_discrete, found["action_space"]
     if adv_ckpt is not None:
@@ -448,7 +692,10 @@ if __name__ == "__main__":
     k_adv = len(adv_idx)
 
     # ALGO LOGIC: initialize agent here
-    hidden_dim = adv_ckpt["args"]["hidden_dim"] if adv_ckpt is not None else args.hidden_dim
+    try:
+        hidden_dim = int(adv_ckpt["args"]["hidden_dim"]) if adv_ckpt is not None else args.hidden_dim
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"unusable adversary checkpoint {args.adversary_checkpoint}: no args.hidden_dim ({type(e).__name__})")
     actor = AdversaryActor(env.obs_dim + k_adv, env.n_actions, hidden_dim, discrete).to(device)
     value = Value(env.state_dim, hidden_dim).to(device)
     if adv_ckpt is not None:
@@ -456,7 +703,7 @@ if __name__ == "__main__":
             actor.load_state_dict(adv_ckpt["models"]["actor"])
             value.load_state_dict(adv_ckpt["models"]["value"])
         except (KeyError, TypeError, RuntimeError) as e:
-            fail(f"unusable adversary checkpoint {args.adversary_checkpoint}: {type(e).__name__}: {str(e).splitlines()[0]}")
+            fail(f"unusable adversary checkpoint {args.adversary_checkpoint}: {type(e).__name__}: {first_line(e)}")
     adversary = Adversary(actor, adv_idx, discrete, space.get("low"), space.get("high"))
 
     from torch.utils.tensorboard import SummaryWriter
@@ -477,11 +724,16 @@ if __name__ == "__main__":
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
         return path
 
-    def evaluate_worstcase(record=False):
+    def evaluate_worstcase():
         actor.eval()
-        out = run_episodes(make_eval_env(), defender, env_id, adversary, adv_idx, seed=args.seed, record=record)
+        out = run_episodes(make_eval_env(), defender, env_id, adversary, adv_idx, seed=args.seed, last_action=last_action)
         actor.train()
         return out
+
+    def adversary_whereabouts() -> str:
+        if adv_ckpt is not None:
+            return f"the adversary is {args.adversary_checkpoint}"
+        return f"adversary saved to {saved}" if saved else "the adversary was not saved (--no-save-model)"
 
     # Train the adversary with PPO (skipped with --adversary-checkpoint)
     batch_size = args.num_envs * args.num_steps
@@ -501,6 +753,7 @@ if __name__ == "__main__":
     recent_returns, last_eval, last_print, start_time = [], 0, 0.0, time.time()
     obs, state, avail = env.reset()
     hidden = defender.init_hidden(E)
+    saved, interrupts = None, Interrupts().install()  # from here on, a signal saves what there is
     try:
         for update in range(1, num_updates + 1):
             if args.anneal_lr:
@@ -517,6 +770,8 @@ if __name__ == "__main__":
                         b_avail[t] = av
                     actions = actions.clone()
                     actions[:, idx] = adversary.to_env(a).to(actions.dtype)
+                    if last_action is not None:  # the defenders see the adversary's executed actions
+                        hidden = last_action(hidden, actions, env.n_actions)
                     obs, state, avail, reward, terminated, truncated, info = env.step(actions)
                     done = terminated | truncated
                     r = -reward  # the adversary maximises the negated team reward
@@ -591,29 +846,25 @@ if __name__ == "__main__":
                 last_print = time.time()
                 ret_str = f"{np.mean(recent_returns):.2f}" if recent_returns else "nan"
                 print(f"global_step={global_step} SPS={sps} team_return={ret_str}", flush=True)
-    except KeyboardInterrupt:
         if args.save_model and adv_ckpt is None:
-            print(f"interrupted: adversary saved to {save()}", flush=True)
-        sys.exit(130)
-    if args.save_model and adv_ckpt is None:
-        print(f"adversary saved to {save()}", flush=True)
+            with interrupts.held():
+                saved = save()
+            print(f"adversary saved to {saved}", flush=True)
+            if interrupts.pending:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if saved is None and args.save_model and adv_ckpt is None:
+            print("interrupted: saving the adversary, please wait", flush=True)
+            with interrupts.held():
+                saved = save()
+        print(f"interrupted: {adversary_whereabouts()}", flush=True)
+        sys.exit(interrupts.exit_code)
     env.close()
 
-    # Evaluate every condition on fresh, identically seeded evaluation envs
-    conditions, eval_env = {}, make_eval_env
-    conditions["natural"] = summarise(*run_episodes(eval_env(), defender, env_id, seed=args.seed)[:2])
-    rand_adv = RandomAdversary(adv_idx, env, torch.Generator().manual_seed(args.seed + 1))
-    conditions["random"] = summarise(*run_episodes(eval_env(), defender, env_id, rand_adv, adv_idx, seed=args.seed)[:2])
-    returns, success, traj = evaluate_worstcase(record=args.plot)
-    conditions["worstcase"] = summarise(returns, success)
-    for sigma in args.obs_noise:
-        conditions[f"obs_noise_{sigma:g}"] = summarise(
-            *run_episodes(eval_env(), defender, env_id, obs_noise=sigma, seed=args.seed + 2)[:2])
-    for p in args.action_repeat:
-        conditions[f"action_repeat_{p:g}"] = summarise(
-            *run_episodes(eval_env(), defender, env_id, repeat_p=p, seed=args.seed + 3)[:2])
-    for k in args.disable:
-        conditions[f"dis_{k}"] = summarise(*run_episodes(eval_env(), defender, env_id, disable_k=k, seed=args.seed + 4)[:2])
+    # Evaluate every condition on fresh, identically seeded evaluation envs: (name, run_episodes
+    # options, what the report says about it). The natural episodes also measure the observations'
+    # spread, the unit of the observation noise.
+    hook = None
     if args.interaction_breaking:
         providers = [module] + ([import_script("ibal_qmix")] if script in QMIX_SCRIPTS and script != "ibal_qmix"
                                 and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ibal_qmix.py")) else [])
@@ -621,27 +872,62 @@ if __name__ == "__main__":
         if hook is None:
             print(f"note: interaction_breaking is unavailable for {script} checkpoints "
                   f"(no {IBAL_HOOK}() in {' or '.join(m.__name__ + '.py' for m in providers)})", file=sys.stderr)
-        else:
-            conditions["interaction_breaking"] = summarise(*hook(ckpt, defender, eval_env(), args.seed)[:2])
+    spread = ObsSpread() if args.obs_noise else None
+    rand_adv = RandomAdversary(adv_idx, env, torch.Generator().manual_seed(args.seed + 1))
+    plan = [("natural", {"obs_spread": spread}, {}), ("random", {"adversary": rand_adv}, {}),
+            ("worstcase", {"adversary": adversary, "record": args.plot}, {})]
+    plan += [(f"obs_noise_{s:g}", {"obs_noise": s, "seed": args.seed + 2}, {"obs_noise": s, "obs_noise_rule": OBS_NOISE_RULE})
+             for s in args.obs_noise]
+    plan += [(f"action_repeat_{p:g}", {"repeat_p": p, "seed": args.seed + 3}, {}) for p in args.action_repeat]
+    plan += [(f"dis_{k}", {"disable_k": k, "seed": args.seed + 4}, {}) for k in args.disable]
+    if shift is not None:
+        plan.append(("env_shift", {"shift": shift}, {"env_shift": shift}))
+    if hook is not None:
+        plan.append(("interaction_breaking", {"hook": hook}, {}))
+    conditions, traj, partial = {}, [], False
+    try:
+        for i, (name, options, about) in enumerate(plan, 1):
+            options = dict(options)
+            eval_env = make_eval_env(options.pop("shift", None))
+            if "hook" in options:
+                returns, success = options["hook"](ckpt, defender, eval_env, args.seed)[:2]
+            else:
+                if "obs_noise" in options:
+                    options["obs_scale"] = spread.scale()
+                returns, success, episode_traj = run_episodes(eval_env, defender, env_id, adv_idx=adv_idx,
+                                                              last_action=last_action, **{"seed": args.seed, **options})
+                traj = episode_traj if name == "worstcase" else traj
+            eval_env.close()
+            conditions[name] = {**summarise(returns, success), **about}
+            print(f"evaluated {name} ({i}/{len(plan)})", flush=True)
+    except KeyboardInterrupt:
+        partial = True
 
-    # Report: table, TensorBoard, JSON, plot
-    print(f"\n{'condition':<22}{'return':>10}{'± 95% CI':>11}{'success':>10}{'episodes':>10}")
-    for name, c in conditions.items():
-        print(f"{name:<22}{c['return_mean']:>10.3f}{c['return_ci95']:>11.3f}{c['success_rate']:>10.3f}{c['episodes']:>10}")
-        writer.add_scalar(f"report/{name}/return_mean", c["return_mean"], global_step)
-        writer.add_scalar(f"report/{name}/return_ci95", c["return_ci95"], global_step)
-        writer.add_scalar(f"report/{name}/success_rate", c["success_rate"], global_step)
-    report = {"checkpoint": args.checkpoint, "script": script, "env_id": env_id, "adversaries": adv_idx,
-              "conditions": conditions}
-    report_path = args.report or f"runs/{run_name}/report.json"
-    os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-    with open(report_path + ".tmp", "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(report_path + ".tmp", report_path)
-    print(f"report written to {report_path}")
-    if args.plot:
-        png = os.path.splitext(report_path)[0] + ".png"
-        show_traj = traj if env_id.startswith(("rendezvous", "quads")) and traj else None
-        make_plot(png, conditions, show_traj, adv_idx, f"{script} on {env_id}, adversaries {adv_idx}")
-        print(f"plot written to {png}")
-    writer.close()
+    # Report: table, TensorBoard, JSON, plot (a signal now is noted but lets the files be written)
+    with interrupts.held():
+        print(f"\n{'condition':<22}{'return':>10}{'± 95% CI':>11}{'success':>10}{'episodes':>10}")
+        for name, c in conditions.items():
+            print(f"{name:<22}{c['return_mean']:>10.3f}{c['return_ci95']:>11.3f}{c['success_rate']:>10.3f}{c['episodes']:>10}")
+            writer.add_scalar(f"report/{name}/return_mean", c["return_mean"], global_step)
+            writer.add_scalar(f"report/{name}/return_ci95", c["return_ci95"], global_step)
+            writer.add_scalar(f"report/{name}/success_rate", c["success_rate"], global_step)
+        report = {"checkpoint": args.checkpoint, "script": script, "env_id": env_id, "env_kwargs": env_kwargs,
+                  "adversaries": adv_idx, "partial": partial,
+                  "obs_noise_scale": spread.scale().tolist() if spread is not None and spread.n else None,
+                  "conditions": conditions}
+        report_path = args.report or f"runs/{run_name}/report.json"
+        os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
+        with open(report_path + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(report_path + ".tmp", report_path)
+        writer.close()
+        if partial:
+            print(f"interrupted: partial report ({len(conditions)} of {len(plan)} conditions) written to "
+                  f"{report_path}; {adversary_whereabouts()}", flush=True)
+            sys.exit(interrupts.exit_code)
+        print(f"report written to {report_path}")
+        if args.plot:
+            png = os.path.splitext(report_path)[0] + ".png"
+            show_traj = traj if env_id.startswith(("rendezvous", "quads")) and traj else None
+            make_plot(png, conditions, show_traj, adv_idx, f"{script} on {env_id}, adversaries {adv_idx}")
+            print(f"plot written to {png}")

@@ -1,14 +1,19 @@
 """attack_worstcase.py: the trained adversary beats a random one, every script's checkpoints,
-report schema, re-evaluation from the adversary checkpoint, plots, bad input."""
+report schema and intervals, re-evaluation from the adversary checkpoint, plots, env shift and
+--env-kwargs, relative observation noise, QMIX's executed last action, bad input."""
 
 import glob
 import json
+import math
 import os
 import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import attack_worstcase as aw
+import envs
 from helpers import ROOT, only
 from helpers import run_script as run
 
@@ -61,16 +66,32 @@ def test_trained_adversary_hurts_more_than_random(attacked):
 
 def test_report_schema_and_outputs(attacked):
     cwd, defender, report, stdout = attacked
-    assert set(report) == {"checkpoint", "script", "env_id", "adversaries", "conditions"}
+    assert set(report) == {"checkpoint", "script", "env_id", "env_kwargs", "adversaries", "partial",
+                           "obs_noise_scale", "conditions"}
     assert report["checkpoint"] == defender and report["script"] == "mir3_maddpg"
-    assert report["env_id"] == "rendezvous" and report["adversaries"] == [0]
+    assert report["env_id"] == "rendezvous" and report["adversaries"] == [0] and report["partial"] is False
+    assert report["env_kwargs"] == {"n_agents": 4, "episode_limit": 50}
     assert list(report["conditions"]) == ["natural", "random", "worstcase", *DISTURBANCES]
+    t127 = 1.978819  # t(0.975, 127), not the normal 1.96
     for name, c in report["conditions"].items():
-        assert set(c) == {"return_mean", "return_ci95", "success_rate", "episodes"}
+        extra = {"obs_noise", "obs_noise_rule"} if name.startswith("obs_noise") else set()
+        assert set(c) == {"return_mean", "return_ci95", "success_rate", "episodes", "success_ci95", "returns",
+                          "successes"} | extra
         assert isinstance(c["return_mean"], float) and isinstance(c["return_ci95"], float)
         assert isinstance(c["success_rate"], float) and type(c["episodes"]) is int
         assert c["episodes"] == 128 and c["return_ci95"] > 0 and 0.0 <= c["success_rate"] <= 1.0
         assert name in stdout  # the printed table
+        # the per-episode values are what the summary numbers summarise
+        r = torch.tensor(c["returns"], dtype=torch.float64)
+        assert len(c["returns"]) == 128 and c["return_mean"] == pytest.approx(float(r.mean()), abs=1e-9)
+        assert c["return_ci95"] == pytest.approx(t127 * float(r.std()) / math.sqrt(128), rel=1e-5)
+        assert set(c["successes"]) <= {0, 1} and c["success_rate"] == sum(c["successes"]) / 128
+        low, high = c["success_ci95"]
+        assert 0.0 <= low <= c["success_rate"] <= high <= 1.0 and high - low > 0.01
+    assert report["conditions"]["obs_noise_0.1"]["obs_noise"] == 0.1
+    assert "std" in report["conditions"]["obs_noise_0.1"]["obs_noise_rule"]
+    scale = report["obs_noise_scale"]  # rendezvous: 5 numbers per other robot + 5 own
+    assert len(scale) == 5 * 3 + 5 and all(x >= 0 for x in scale) and max(scale) > 0
     run_dir = os.path.dirname(only(cwd / "runs" / "*attack_worstcase*" / "report.json"))
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     adv = torch.load(os.path.join(run_dir, "attack_worstcase.pt"), weights_only=True)
@@ -95,7 +116,10 @@ def test_adversary_checkpoint_reevaluates_without_training(attacked, tmp_path):
     again = json.load(open(out))
     assert again["adversaries"] == [0] and set(again["conditions"]) == {"natural", "random", "worstcase"}
     for name in ("natural", "random", "worstcase"):
-        assert again["conditions"][name] == pytest.approx(report["conditions"][name], abs=1e-9)
+        old, new = report["conditions"][name], again["conditions"][name]
+        assert set(new) == set(old) and new["successes"] == old["successes"]
+        for key in ("return_mean", "return_ci95", "success_rate", "returns", "success_ci95"):
+            assert new[key] == pytest.approx(old[key], abs=1e-9)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -110,6 +134,8 @@ def test_attack_runs_on_every_script(tmp_path, script):
     assert report["script"] == script and len(report["adversaries"]) == 2
     assert set(report["conditions"]) >= {"natural", "random", "worstcase", "obs_noise_0.3", "action_repeat_0.3",
                                          "dis_1", "dis_2"}
+    if script == "mir3_qmix":  # IBAL's attack (ibal_qmix.py) works on any QMIX checkpoint
+        assert "interaction_breaking" in report["conditions"]
     assert os.path.exists(tmp_path / "report.png")
 
 
@@ -157,3 +183,181 @@ def test_known_script_that_is_not_present(tmp_path, small_defender):
     proc = run(str(tmp_path / "attack_worstcase.py"), tmp_path, "--checkpoint", small_defender, check=False)
     assert proc.returncode == 2 and "mir3_maddpg.py, which is not present" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- confidence intervals -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (29, 2.0452),
+                                         (30, 2.0423), (31, 2.0395), (100, 1.9840), (1000, 1.9623)])
+def test_student_t_quantile_matches_tables(df, expected):
+    assert aw.student_t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert aw.student_t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-4)
+
+
+def test_student_t_quantile_other_levels_and_limit():
+    assert aw.student_t_quantile(0.995, 7) == pytest.approx(3.4995, abs=1e-4)
+    assert aw.student_t_quantile(0.95, 3) == pytest.approx(2.3534, abs=1e-4)
+    assert aw.student_t_quantile(0.975, 10**6) == pytest.approx(1.959966, abs=1e-6)  # the normal limit
+
+
+def test_summarise_uses_student_t_and_wilson():
+    c = aw.summarise(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, False]))
+    assert c["return_mean"] == 2.0 and c["return_ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert c["returns"] == [1.0, 2.0, 3.0] and c["successes"] == [1, 0, 0] and c["episodes"] == 3
+    low, high = c["success_ci95"]  # Wilson, 1 of 3
+    assert low == pytest.approx(0.061490, abs=1e-5) and high == pytest.approx(0.792345, abs=1e-5)
+    assert aw.wilson_interval(0, 10) == [0.0, pytest.approx(0.277533, abs=1e-5)]
+    assert aw.wilson_interval(10, 10) == [pytest.approx(0.722467, abs=1e-5), 1.0]
+
+
+# --- observation noise relative to each dim's spread ----------------------------------------------
+
+class FakeEnv:
+    """2 agents, 3 observation dims: a constant (3.7), a slow ramp (the step), a fast wide one; 40 steps."""
+
+    num_envs, n_agents, n_actions, is_discrete, device, obs_dim = 16, 2, 2, True, torch.device("cpu"), 3
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.table = torch.stack([torch.full((41,), 3.7), torch.arange(41.0), 50.0 * torch.randn(41, generator=g)], -1)
+
+    def observe(self):
+        obs = self.table[self.t].expand(self.num_envs, self.n_agents, 3).clone()
+        return obs, torch.zeros(self.num_envs, 1), torch.ones(self.num_envs, self.n_agents, 2, dtype=torch.bool)
+
+    def reset(self):
+        self.t = 0
+        return self.observe()
+
+    def step(self, actions):
+        self.t += 1
+        E = self.num_envs
+        done = torch.full((E,), self.t == 40)
+        return (*self.observe(), torch.zeros(E), done, torch.zeros(E, dtype=torch.bool),
+                {"success": torch.zeros(E, dtype=torch.bool)})
+
+
+class Recorder:
+    """A defender that plays action 0 and keeps every observation it is shown."""
+
+    def __init__(self):
+        self.seen = []
+
+    def init_hidden(self, num_envs):
+        return None
+
+    def act(self, obs, avail, hidden):
+        self.seen.append(obs.clone())
+        return torch.zeros(obs.shape[:2], dtype=torch.int64), hidden
+
+
+def test_obs_noise_is_sigma_times_each_dims_spread():
+    env, spread = FakeEnv(), aw.ObsSpread()
+    aw.run_episodes(env, Recorder(), "fake", obs_spread=spread)
+    scale = spread.scale()
+    assert scale[0] == 0.0  # a constant dim: exactly no spread, so no noise
+    assert scale[1:].tolist() == pytest.approx(env.table[:40, 1:].double().std(0, unbiased=False).tolist(), rel=1e-5)
+    defender = Recorder()
+    aw.run_episodes(env, defender, "fake", obs_noise=0.5, obs_scale=scale, seed=3)
+    noise = torch.stack(defender.seen) - env.table[:40, None, None, :]  # [T, E, N, 3]
+    assert bool((noise[..., 0] == 0).all())  # the constant dim stays exactly as observed
+    std = noise.flatten(0, 2).std(0)
+    assert std[1] / (0.5 * scale[1]) == pytest.approx(1.0, abs=0.06)  # σ is relative, per dim:
+    assert std[2] / (0.5 * scale[2]) == pytest.approx(1.0, abs=0.06)  # the two dims differ 4x in spread
+    assert scale[2] > 3 * scale[1]
+
+
+# --- QMIX agents see the actions that were executed -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def qmix_checkpoint(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("qmix")
+    run("mir3_qmix", cwd, *TINY_ENV, *TINY_TRAIN["mir3_qmix"])
+    return torch.load(only(cwd / "runs" / "*" / "mir3_qmix.pt"), weights_only=True)
+
+
+class StepSpy:
+    """Wraps an env: keeps the actions handed to step()."""
+
+    def __init__(self, env):
+        self.env, self.executed = env, []
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+    def step(self, actions):
+        self.executed.append(actions.clone())
+        return self.env.step(actions)
+
+
+class HiddenSpy:
+    """Wraps a QMIX policy: keeps the hidden state it is given and the actions it chooses."""
+
+    def __init__(self, policy):
+        self.policy, self.hidden_in, self.chosen = policy, [], []
+
+    def init_hidden(self, num_envs):
+        return self.policy.init_hidden(num_envs)
+
+    def act(self, obs, avail, hidden):
+        self.hidden_in.append(hidden.clone())
+        actions, hidden = self.policy.act(obs, avail, hidden)
+        self.chosen.append(actions.clone())
+        return actions, hidden
+
+
+@pytest.mark.parametrize("condition", [{"disable_k": 1}, {"repeat_p": 1.0}], ids=["dis-1", "action-repeat-1"])
+def test_qmix_last_action_input_is_the_executed_action(qmix_checkpoint, condition):
+    import mir3_qmix
+
+    last_action = aw.executed_last_action_fn("mir3_qmix", mir3_qmix)
+    assert last_action is mir3_qmix.executed_as_last_action
+    assert aw.executed_last_action_fn("mir3_maddpg", None) is None  # no last-action input there
+    env = StepSpy(envs.make("rendezvous-discrete", num_envs=8, seed=5, n_agents=3, episode_limit=20))
+    defender = HiddenSpy(mir3_qmix.load_policy(qmix_checkpoint))
+    aw.run_episodes(env, defender, "rendezvous-discrete", seed=7, last_action=last_action, **condition)
+    A = env.n_actions
+    chosen, executed = torch.stack(defender.chosen[:-1]), torch.stack(env.executed[:-1])
+    assert bool((chosen != executed).any())  # the condition did override some choices
+    seen_last = torch.stack(defender.hidden_in[1:])[..., -A:]  # the last-action input at t + 1
+    assert torch.equal(seen_last, F.one_hot(executed, A).float())
+
+
+# --- environment shift and --env-kwargs ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quads_defender(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("quads")
+    run("mir3_maddpg", cwd, "--env-id", "quads-same-goal", "--n-agents", "2", "--episode-limit", "30",
+        *TINY_TRAIN["mir3_maddpg"])
+    return only(cwd / "runs" / "*" / "mir3_maddpg.pt")
+
+
+QUADS_EVAL = ["--total-timesteps", "0", "--eval-episodes", "4", "--hidden-dim", "16"]
+
+
+def test_env_shift_evaluates_the_team_in_the_shifted_env(tmp_path, quads_defender):
+    run("attack_worstcase", tmp_path, "--checkpoint", quads_defender, *QUADS_EVAL,
+        "--env-shift", '{"thrust_scale": 0.7}', "--report", tmp_path / "shift.json")
+    shifted = json.load(open(tmp_path / "shift.json"))
+    c = shifted["conditions"]
+    assert list(c) == ["natural", "random", "worstcase", "env_shift"]
+    assert c["env_shift"]["env_shift"] == {"thrust_scale": 0.7} and "env_shift" not in c["natural"]
+    assert c["env_shift"]["returns"] != c["natural"]["returns"]  # weaker motors change every episode
+    # --env-kwargs sets the same option for every condition: its natural episodes are the shifted ones
+    run("attack_worstcase", tmp_path / "kw", "--checkpoint", quads_defender, *QUADS_EVAL,
+        "--env-kwargs", '{"thrust_scale": 0.7}', "--report", tmp_path / "kwargs.json")
+    weak = json.load(open(tmp_path / "kwargs.json"))
+    assert weak["env_kwargs"] == {"n_agents": 2, "episode_limit": 30, "thrust_scale": 0.7}
+    assert weak["conditions"]["natural"]["returns"] == pytest.approx(c["env_shift"]["returns"], abs=1e-6)
+    adv = torch.load(only(tmp_path / "kw" / "runs" / "*" / "attack_worstcase.pt"), weights_only=True)
+    assert adv["env_kwargs"]["thrust_scale"] == 0.7  # the adversary's env too
+
+
+def test_env_shift_default_is_the_envs_own(tmp_path, quads_defender):
+    if not callable(getattr(envs, "env_shift_kwargs", None)):
+        pytest.skip("this envs package has no env_shift_kwargs()")
+    run("attack_worstcase", tmp_path, "--checkpoint", quads_defender, *QUADS_EVAL, "--env-shift", "default",
+        "--report", tmp_path / "r.json")
+    c = json.load(open(tmp_path / "r.json"))["conditions"]
+    assert c["env_shift"]["env_shift"] == envs.env_shift_kwargs("quads-same-goal")
