@@ -126,6 +126,8 @@ class Args:
     """Table I: add the condition env_shift, the team in an env built with these options on top (a JSON object, or 'default': the env's own shift)"""
     env_kwargs: Optional[str] = None
     """extra env constructor options as a JSON object, e.g. '{"episode_limit": 100}', on top of the checkpoint's (every condition and training)"""
+    scripted: Tuple[str, ...] = ()
+    """scripted adversaries on the same agents, one condition each (scripted_<kind>): stop (any env), flee (rendezvous)"""
     interaction_breaking: bool = False
     """add IBAL's interaction-breaking attack when the checkpoint's module provides it"""
     report: Optional[str] = None
@@ -239,16 +241,6 @@ def reset_hidden(hidden, done: torch.Tensor):
     if isinstance(hidden, tuple):
         return tuple(reset_hidden(h, done) for h in hidden)
     return hidden * (~done).view(-1, *([1] * (hidden.dim() - 1))).to(hidden.dtype)
-
-
-def null_actions(env, env_id: str) -> torch.Tensor:
-    """The 'do nothing' action [N] or [N, d] of a disabled agent (Dis-k) when all actions are available."""
-    N = env.n_agents
-    if env.is_discrete:  # rendezvous-discrete stop, quads vel13 hold, LBF NONE, SMAC no-op (stop: see below)
-        return torch.zeros(N, dtype=torch.int64, device=env.device)
-    hover = getattr(sys.modules.get(type(env).__module__), "HOVER_ACTION", None)  # quads motors: hover
-    value = 0.0 if hover is None else float(hover)
-    return torch.full((N, env.n_actions), value, device=env.device)
 
 
 def executed_last_action_fn(script: str, module):
@@ -440,6 +432,27 @@ class Adversary:
         return self.to_env(self.actor.greedy(*self.inputs(obs, avail)))
 
 
+class ScriptedAdversary:
+    """A fixed behaviour of the adversary agents, to check that the trained adversary is at least as
+    damaging: "stop" (the env's do-nothing action; SMAC: stop) or "flee" (rendezvous: drive away
+    from the swarm at full speed). Bound to the env it acts in, whose internals "flee" reads."""
+
+    KINDS = ("stop", "flee")
+
+    def __init__(self, kind: str, idx: List[int], env, env_id: str):
+        self.kind, self.idx, self.env, self.smac = kind, torch.as_tensor(idx, device=env.device), env, env_id.startswith("smac:")
+
+    def act(self, obs, avail, state=None):
+        if self.kind == "flee":
+            from envs.rendezvous import scripted_actions
+
+            return scripted_actions(self.env, flee=True)[:, self.idx]
+        if self.smac:  # no-op is for dead units only
+            return avail[:, self.idx, 1].long()
+        nothing = self.env.null_action()[self.idx]
+        return nothing.expand(obs.shape[0], *nothing.shape)
+
+
 class RandomAdversary:
     """Uniform random actions (over the available ones) for the adversary agents."""
 
@@ -482,7 +495,7 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
         disabled = torch.zeros(E, N, dtype=torch.bool)
         disabled.scatter_(1, torch.rand(E, N, generator=g).argsort(1)[:, :disable_k], True)
         disabled = disabled.to(dev)
-        null = null_actions(env, env_id)
+        null = env.null_action()
     prev, traj = None, []
     while bool(running.any()):
         if record and hasattr(env, "pos") and bool(running[0]):
@@ -645,6 +658,9 @@ if __name__ == "__main__":
         return envs.make(env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device,
                          **{**env_kwargs, **(options or {})})
 
+    for kind in args.scripted:
+        if kind not in ScriptedAdversary.KINDS or (kind == "flee" and not env_id.startswith("rendezvous")):
+            fail(f"--scripted {kind!r}: choose from stop (any env) and flee (rendezvous only)")
     if args.env_shift == "default":
         if not callable(getattr(envs, "env_shift_kwargs", None)):
             fail("--env-shift default needs envs.env_shift_kwargs(), which this envs package lacks; give a JSON object")
@@ -876,6 +892,7 @@ if __name__ == "__main__":
     rand_adv = RandomAdversary(adv_idx, env, torch.Generator().manual_seed(args.seed + 1))
     plan = [("natural", {"obs_spread": spread}, {}), ("random", {"adversary": rand_adv}, {}),
             ("worstcase", {"adversary": adversary, "record": args.plot}, {})]
+    plan += [(f"scripted_{kind}", {"scripted": kind}, {}) for kind in args.scripted]
     plan += [(f"obs_noise_{s:g}", {"obs_noise": s, "seed": args.seed + 2}, {"obs_noise": s, "obs_noise_rule": OBS_NOISE_RULE})
              for s in args.obs_noise]
     plan += [(f"action_repeat_{p:g}", {"repeat_p": p, "seed": args.seed + 3}, {}) for p in args.action_repeat]
@@ -889,6 +906,8 @@ if __name__ == "__main__":
         for i, (name, options, about) in enumerate(plan, 1):
             options = dict(options)
             eval_env = make_eval_env(options.pop("shift", None))
+            if "scripted" in options:
+                options["adversary"] = ScriptedAdversary(options.pop("scripted"), adv_idx, eval_env, env_id)
             if "hook" in options:
                 returns, success = options["hook"](ckpt, defender, eval_env, args.seed)[:2]
             else:

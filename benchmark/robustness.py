@@ -371,14 +371,14 @@ def run_scores(result: dict, adversary_sets: list) -> dict:
     attacks = [a for a in result["attacks"] if sorted(a["adversaries"]) in wanted]
     if not attacks:
         return {}
-    scores = {}
-    for name, c in attacks[0]["report"]["conditions"].items():
-        if name not in ("random", "worstcase"):
-            scores[name] = c["return_mean"]
+    def per_adversary(name):  # conditions that depend on who the adversaries are
+        return name in ("random", "worstcase") or name.startswith("scripted_")
+
+    scores = {name: c["return_mean"] for name, c in attacks[0]["report"]["conditions"].items() if not per_adversary(name)}
     for k in sorted({len(a["adversaries"]) for a in attacks}):
         group = [a["report"]["conditions"] for a in attacks if len(a["adversaries"]) == k]
-        for name in ("random", "worstcase"):
-            scores[f"{name}_k{k}"] = float(np.mean([c[name]["return_mean"] for c in group]))
+        for name in [n for n in group[0] if per_adversary(n)]:
+            scores[f"{name}_k{k}"] = float(np.mean([c[name]["return_mean"] for c in group if name in c]))
     return scores
 
 
@@ -400,7 +400,7 @@ def aggregate(spec: dict) -> dict:
         cost["attack_s"] += sum(a["wall_s"] for a in result["attacks"])
     base = spec["baseline"]
     found = list(scores.get(base, next(iter(scores.values()), {})))
-    first = ["natural"] + sorted(c for c in found if c.startswith(("random_k", "worstcase_k")))
+    first = ["natural"] + sorted(c for c in found if c.startswith(("random_k", "worstcase_k", "scripted_")))
     conditions = [c for c in first if c in found] + [c for c in found if c not in first]
     table = {}
     for method, per_cond in scores.items():

@@ -177,18 +177,21 @@ class Rendezvous(BatchedEnv):
         return obs, state, avail
 
 
-def scripted_actions(env: Rendezvous) -> torch.Tensor:
+def scripted_actions(env: Rendezvous, flee: bool = False) -> torch.Tensor:
     """Privileged steer-towards-the-centroid controller, the reference for learning scores.
 
     Each robot turns towards the swarm centroid and drives forward in proportion to the distance
-    and to how well it faces the centroid. Returns Box actions ``[E,N,2]`` for ``rendezvous``, or
-    the nearest wheel command ``[E,N]`` for ``rendezvous-discrete``.
+    and to how well it faces the centroid. With ``flee`` it does the opposite, a simple scripted
+    adversary: it turns away from the centroid and drives at full speed whenever it faces away
+    (into a wall or corner, where it stays). Returns Box actions ``[E,N,2]`` for ``rendezvous``,
+    or the nearest wheel command ``[E,N]`` for ``rendezvous-discrete``.
     """
     to_c = env.pos.mean(1, keepdim=True) - env.pos
     dist = to_c.norm(dim=-1)
-    err = _wrap(torch.atan2(to_c[..., 1], to_c[..., 0]) - env.theta)
+    err = _wrap(torch.atan2(to_c[..., 1], to_c[..., 0]) + (math.pi if flee else 0.0) - env.theta)
     turn = torch.clamp(2.0 * err, -1.0, 1.0)
-    fwd = torch.clamp(dist / 5.0, 0.0, 1.0) * torch.cos(err).clamp(min=0.0)
+    speed = torch.ones_like(dist) if flee else torch.clamp(dist / 5.0, 0.0, 1.0)
+    fwd = speed * torch.cos(err).clamp(min=0.0)
     u = torch.stack((fwd - turn, fwd + turn), -1).clamp(-1.0, 1.0)
     if not env.is_discrete:
         return u

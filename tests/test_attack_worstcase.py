@@ -122,6 +122,45 @@ def test_adversary_checkpoint_reevaluates_without_training(attacked, tmp_path):
             assert new[key] == pytest.approx(old[key], abs=1e-9)
 
 
+def test_scripted_adversaries_and_the_trained_one(attacked, tmp_path):
+    """Re-evaluating a saved adversary with --scripted adds scripted_stop / scripted_flee on the same agent.
+    (Whether the trained adversary beats them is an empirical check, not an invariant: on this small
+    defender the 60k-step adversary and the fleeing robot do about the same damage.)"""
+    cwd, _, report, _ = attacked
+    adv = only(cwd / "runs" / "*attack_worstcase*" / "attack_worstcase.pt")
+    out = tmp_path / "scripted.json"
+    run("attack_worstcase", tmp_path, "--adversary-checkpoint", adv, "--eval-episodes", "128", "--scripted", "stop",
+        "flee", "--report", out)
+    c = json.load(open(out))["conditions"]
+    assert list(c) == ["natural", "random", "worstcase", "scripted_stop", "scripted_flee"]
+    assert c["worstcase"]["returns"] == report["conditions"]["worstcase"]["returns"]
+    print({k: round(v["return_mean"], 3) for k, v in c.items()})
+    for kind in ("stop", "flee"):  # scripted adversaries differ from the natural team and from each other
+        assert c[f"scripted_{kind}"]["returns"] != c["natural"]["returns"]
+    assert c["scripted_stop"]["returns"] != c["scripted_flee"]["returns"]
+    assert c["scripted_flee"]["return_mean"] < c["natural"]["return_mean"]  # a robot driving away costs the team
+
+
+def test_scripted_flee_drives_away_and_stop_does_nothing():
+    env = envs.make("rendezvous", num_envs=8, seed=3, n_agents=4)
+    env.reset()
+    flee = aw.ScriptedAdversary("flee", [1], env, "rendezvous")
+    stop = aw.ScriptedAdversary("stop", [0, 2], env, "rendezvous")
+    obs = torch.zeros(8, 4, env.obs_dim)
+    assert torch.equal(stop.act(obs, None), torch.zeros(8, 2, 2))
+    start = (env.pos[:, 1] - env.pos.mean(1)).norm(dim=-1)
+    for _ in range(40):  # the others stay; robot 1 turns away from the centroid and drives off at full speed
+        actions = torch.zeros(8, 4, 2)
+        actions[:, [1]] = flee.act(obs, None)
+        env.step(actions)
+    far = (env.pos[:, 1] - env.pos.mean(1)).norm(dim=-1)
+    assert bool((far > start + 10).all()), (start, far)
+    discrete = envs.make("rendezvous-discrete", num_envs=2, seed=3, n_agents=3)
+    discrete.reset()
+    a = aw.ScriptedAdversary("flee", [0], discrete, "rendezvous-discrete").act(torch.zeros(2, 3, discrete.obs_dim), None)
+    assert a.shape == (2, 1) and a.dtype == torch.int64
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_attack_runs_on_every_script(tmp_path, script):
     run(script, tmp_path, *TINY_ENV, *TINY_TRAIN[script])
@@ -167,8 +206,9 @@ def bad_files(tmp_path, small_defender):
     (["--checkpoint", "GOOD", "--env-id", "rendezvous-discrete"], "does not match the checkpoint"),
     (["--checkpoint", "GOOD", "--adversaries", "3"], "adversary indices must be distinct agents in [0, 2]"),
     (["--checkpoint", "GOOD", "--num-adversaries", "3"], "--num-adversaries must be in [1, 2]"),
+    (["--checkpoint", "GOOD", "--scripted", "dance"], "--scripted 'dance': choose from stop"),
 ], ids=["missing", "corrupt", "not-a-dict", "unknown-script", "script-os", "env-mismatch", "adversary-index",
-        "num-adversaries"])
+        "num-adversaries", "scripted-kind"])
 def test_bad_input_exits_with_one_clear_line(bad_files, small_defender, args, message):
     proc = run("attack_worstcase", bad_files, *[small_defender if a == "GOOD" else a for a in args],
                "--total-timesteps", "0", check=False)

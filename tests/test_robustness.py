@@ -83,7 +83,7 @@ def test_bootstrap_hand_computed():
 def fake_result(method, seed, natural, worst):
     def report(adv, worstcase):
         conds = {"natural": {"return_mean": natural}, "random": {"return_mean": natural - 1},
-                 "worstcase": {"return_mean": worstcase}}
+                 "worstcase": {"return_mean": worstcase}, "scripted_flee": {"return_mean": worstcase + 1}}
         if adv == [0]:
             conds["dis_1"] = {"return_mean": natural - 2}
         return {"conditions": conds}
@@ -106,10 +106,12 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
         with open(f"results/tiny/{m}__{s}.json", "w") as f:
             json.dump(fake_result(m, s, nat, worst), f)
     summary = robustness.aggregate(spec)
-    assert summary["conditions"] == ["natural", "random_k1", "random_k2", "worstcase_k1", "worstcase_k2", "dis_1"]
+    assert summary["conditions"] == ["natural", "random_k1", "random_k2", "scripted_flee_k1", "scripted_flee_k2",
+                                     "worstcase_k1", "worstcase_k2", "dis_1"]
     plain, mir3 = summary["methods"]["plain"], summary["methods"]["mir3"]
     assert plain["worstcase_k1"]["runs"] == [-21.0, -25.0]  # mean over adversaries [0] and [1]; [5] ignored
     assert plain["worstcase_k2"]["runs"] == [-30.0, -40.0]
+    assert plain["scripted_flee_k1"]["runs"] == [-20.0, -24.0]
     assert plain["natural"]["mean"] == pytest.approx(-11.0)
     assert plain["worstcase_k1"]["drop"]["mean"] == pytest.approx((11.0 + 13.0) / 2)
     assert mir3["worstcase_k1"]["p_improvement"] == pytest.approx(1.0)
