@@ -304,7 +304,8 @@ def cmd_run(spec: dict, workers: int, index, only_methods, only_seeds, train_onl
             raise SpecError(f"--index must be in [0, {len(todo) - 1}], got {index}")
         todo = [todo[index]]
     todo = [(m, s) for m, s in todo if (not only_methods or m in only_methods) and (not only_seeds or s in only_seeds)]
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)  # the cores we may use (Slurm's allocation)
+    # the cores we may use (Slurm's allocation) shared among the workers, unless OMP_NUM_THREADS says otherwise
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, len(os.sched_getaffinity(0)) // workers))
     lock = threading.Lock()
 
     def say(line):
