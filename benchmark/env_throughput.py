@@ -7,6 +7,9 @@ One agent-step is one agent acting once; an env step of rendezvous with 10 agent
 agent-steps. Actions are drawn before timing starts, so only the env is measured. The authors'
 rendezvous env steps about 1,100 times a second with 10 agents (11,000 agent-steps/s) on a
 2-core CPU like ours; the last column is our speed-up over that figure.
+
+smax:<map> rows exclude JAX's compilation (15-30 s per map and batch size, done in the warm-up).
+For one core, as the figures in the README: OMP_NUM_THREADS=1 taskset -c 0 python benchmark/env_throughput.py
 """
 
 import argparse
@@ -28,6 +31,10 @@ DEFAULT_IDS = {
     "quads-same-goal-discrete": dict(n_agents=8),
     "quads-swarm-vs-swarm-discrete": dict(n_agents=8),
     "lbf:Foraging-8x8-2p-2f-coop-v3": dict(),
+    # JaxMARL's SMAX (pip install -r requirements-smax.txt; skipped without it)
+    "smax:3m": dict(),
+    "smax:4m_vs_3m": dict(),
+    "smax:10m_vs_8m": dict(),
 }
 # LBF steps E gymnasium envs in a Python loop: 1024 copies say nothing new
 MAX_ENVS = {"lbf:Foraging-8x8-2p-2f-coop-v3": 64}

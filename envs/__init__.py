@@ -25,7 +25,7 @@ from .core import BatchedEnv, CounterRNG
 __all__ = ["BatchedEnv", "CounterRNG", "env_shift_kwargs", "make", "register", "registered_ids"]
 
 _REGISTRY: dict[str, Callable[..., BatchedEnv]] = {}
-_FAMILY_EXAMPLES = {"lbf:": "lbf:Foraging-8x8-2p-2f-coop-v3", "smac:": "smac:3m"}
+_FAMILY_EXAMPLES = {"lbf:": "lbf:Foraging-8x8-2p-2f-coop-v3", "smac:": "smac:3m", "smax:": "smax:3m"}
 
 
 def register(env_id: str, constructor: Callable[..., BatchedEnv]) -> None:
@@ -94,6 +94,8 @@ def env_shift_kwargs(env_id: str) -> dict:
       0.64 per try). Dynamics only, the reward is unchanged.
     - ``smac:<map>``: ``{"difficulty": "9"}``, the hardest built-in AI (SMAC's default is "7"),
       the setting of the MIR3 paper.
+    - ``smax:<map>``: ``{"slip_prob": 0.2}``: each live ally's order becomes stop with probability
+      0.2 per step (the unit ignores it: no move, no shot). Dynamics only, the reward is unchanged.
 
     Any other id raises a ValueError.
     """
@@ -107,8 +109,10 @@ def env_shift_kwargs(env_id: str) -> dict:
             return {"slip_prob": 0.2}
         if sep and name and prefix == "smac":
             return {"difficulty": "9"}
+        if sep and name and prefix == "smax":
+            return {"slip_prob": 0.2}
     raise ValueError(f"no default environment shift for env id {env_id!r}; it is defined for "
-                     f"rendezvous, rendezvous-discrete, quads-*, lbf:<name> and smac:<map>")
+                     f"rendezvous, rendezvous-discrete, quads-*, lbf:<name>, smac:<map> and smax:<map>")
 
 
 def _lazy(module: str, cls: str, **fixed) -> Callable[..., BatchedEnv]:
@@ -128,3 +132,4 @@ for _scenario in ("same-goal", "swarm-vs-swarm"):
     register(f"quads-{_scenario}-discrete", _lazy("quads", "QuadSwarm", scenario=_scenario, action_mode="vel13"))
 register("lbf:", _lazy("lbf", "LBFEnv"))
 register("smac:", _lazy("smac", "SMACEnv"))
+register("smax:", _lazy("smax", "SMAXEnv"))

@@ -1,4 +1,4 @@
-"""The SPEC §3 contract, checked on every env id of the package (SMAC only where installed)."""
+"""The batched env contract (envs.BatchedEnv), checked on every env id of the package (SMAC only where installed)."""
 
 import gymnasium as gym
 import pytest

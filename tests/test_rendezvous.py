@@ -99,7 +99,7 @@ def test_random_policy_return_matches_authors_env():
         *_, terminated, truncated, info = env.step(torch.rand(E, 10, 2) * 2 - 1)
     assert truncated.all() and not terminated.any()
     mean_return = info["episode_return"].mean().item()
-    # the authors' env gives about -67 (SPEC §6) with a uniform random policy
+    # the authors' env gives about -67 with a uniform random policy
     assert -72 < mean_return < -62
     assert not info["success"].any()
 
