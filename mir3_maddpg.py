@@ -4,7 +4,10 @@
 # CLUB upper bound of the mutual information between the global state and the joint action.
 # With --mi-coef 0 this is plain MADDPG (shared actor with agent ids, centralised critic).
 import ctypes
+import json
+import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +52,8 @@ class Args:
     """number of agents of our own tasks (None: the env default)"""
     episode_limit: Optional[int] = None
     """episode length of our own tasks (None: the env default)"""
+    env_kwargs: Optional[str] = None
+    """extra env constructor options as a JSON object, e.g. '{"world_size": 100}' (saved in the checkpoint)"""
     num_envs: int = 32
     """number of parallel environments"""
 
@@ -405,19 +410,78 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_args(args: Args) -> None:
+    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
+                 "policy_frequency", "club_hidden_dim", "club_batch_size", "club_window"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_starts", "eval_interval", "save_interval"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    unit, positive = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0")
+    for name, (ok, rule) in {"mi_coef": (lambda v: v >= 0, "be >= 0"), "gamma": unit,
+                             "tau": (lambda v: 0 < v <= 1, "lie in (0, 1]"), "actor_lr": positive,
+                             "critic_lr": positive, "club_lr": positive, "replay_ratio": positive,
+                             "max_grad_norm": positive,
+                             "exploration_noise": (lambda v: v >= 0, "be >= 0")}.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value is None:  # --mi-coef: the per-env default, resolved once the env is built
+            continue
+        if not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if not ok(value):
+            fail(f"{flag} must {rule}, got {value}")
+    if args.mi_estimator not in MI_ESTIMATORS:
+        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+
+
+def env_kwargs_of(args, defaults: Optional[dict] = None) -> dict:
+    """The env constructor options: ``defaults``, the JSON object of --env-kwargs, --n-agents / --episode-limit."""
+    flags = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
+    extra = {}
+    if args.env_kwargs is not None:
+        try:
+            extra = json.loads(args.env_kwargs)
+        except ValueError as e:
+            fail(f"--env-kwargs must be a JSON object such as '{{\"world_size\": 100}}': {e}")
+        if not isinstance(extra, dict):
+            fail(f"--env-kwargs must be a JSON object such as '{{\"world_size\": 100}}', got {args.env_kwargs!r}")
+        for key, flag in {**{k: "--" + k.replace("_", "-") for k in flags}, "num_envs": "--num-envs",
+                          "seed": "--seed", "device": "--cuda"}.items():
+            if key in extra:
+                fail(f"--env-kwargs sets {key!r}, which {flag} also sets: give it once")
+    return {**(defaults or {}), **extra, **flags}
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals() -> None:
+    """From now on Ctrl-C, SIGTERM and SIGUSR1 do nothing: nothing may interrupt the checkpoint save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGUSR1 (what cluster schedulers send before preemption) stop training as Ctrl-C does:
+    KeyboardInterrupt, whose handler saves the checkpoint. The first one disarms all three."""
+
+    def stop(signum, frame):
+        ignore_stop_signals()
+        raise KeyboardInterrupt(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     keep_freed_memory()
-    if args.mi_coef is not None and args.mi_coef < 0:
-        fail(f"--mi-coef must be >= 0, got {args.mi_coef}")
-    if args.mi_estimator not in MI_ESTIMATORS:
-        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
     if args.batch_size is None:
         args.batch_size = 8 if args.rnn else 512
-    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
-                 "policy_frequency"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_args(args)
+    env_kwargs = env_kwargs_of(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
@@ -426,7 +490,6 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
     try:
         env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
         eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
@@ -437,8 +500,6 @@ if __name__ == "__main__":
     A = env.n_actions  # number of discrete actions, or action dim
     if args.mi_coef is None:
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF[discrete])
-    if args.replay_ratio <= 0:
-        fail(f"--replay-ratio must be > 0, got {args.replay_ratio}")
 
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -477,7 +538,23 @@ if __name__ == "__main__":
                 "action_space": space, "global_step": global_step,
                 "models": {"actor": actor.state_dict(), "critic": critic.state_dict(), "club": club.state_dict()}}
 
+    def stop_if_not_finite(losses: dict, weights: bool) -> None:
+        """Stop the run (exit 1) with one line if a logged loss, or with ``weights`` a parameter, is NaN or inf.
+
+        Called on the latest losses after every training step of the envs (they are floats already) and
+        with the weights at log time and before every save, so a diverged run never overwrites a good checkpoint.
+        """
+        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
+        if weights:
+            bad += [f"{name} weights" for name, net in (("actor", actor), ("critic", critic), ("club", club))
+                    if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
+        if bad:
+            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
+                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
+            sys.exit(1)
+
     def save() -> str:
+        stop_if_not_finite(metrics, weights=True)
         path = f"runs/{run_name}/{args.exp_name}.pt"
         torch.save(checkpoint(), path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
@@ -558,6 +635,7 @@ if __name__ == "__main__":
     obs, state, avail = env.reset()
     hidden = actor.init_hidden(args.num_envs, N, device)
     start_time = time.time()
+    stop_on_signals()
     try:
         while global_step < args.total_timesteps:
             with torch.no_grad():
@@ -595,8 +673,10 @@ if __name__ == "__main__":
                     metrics.update(update(batch))
                     credit -= float(batch["mask"].sum())
                     updates += 1
+                stop_if_not_finite(metrics, weights=False)
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
+                stop_if_not_finite(metrics, weights=True)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
@@ -616,13 +696,17 @@ if __name__ == "__main__":
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
+        ignore_stop_signals()
+        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
         if args.save_model:
-            print(f"interrupted: checkpoint saved to {save()}", flush=True)
-        sys.exit(130)
+            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
+            print(f"checkpoint saved to {save()}", flush=True)
+        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
 
+    ignore_stop_signals()
     if args.save_model:
-        print(f"checkpoint saved to {save()}")
+        print(f"checkpoint saved to {save()}", flush=True)
     env.close()
     eval_env.close()
     writer.close()

@@ -7,7 +7,10 @@
 # rollout. MIR3 fits CLUB on each fresh rollout and subtracts λ·Î from its rewards before GAE.
 # With --mi-coef 0 this is plain MAPPO.
 import ctypes
+import json
+import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -67,6 +70,8 @@ class Args:
     """number of agents of our own tasks (None: DEFAULT_ENV_KWARGS, else the env default)"""
     episode_limit: Optional[int] = None
     """episode length of our own tasks (None: DEFAULT_ENV_KWARGS, else the env default)"""
+    env_kwargs: Optional[str] = None
+    """extra env constructor options as a JSON object, e.g. '{"world_size": 100}' (saved in the checkpoint)"""
     num_envs: int = 64
     """number of parallel environments"""
 
@@ -102,7 +107,7 @@ class Args:
     init_log_std: float = -1.0
     """initial state-independent log-std of the Gaussian policy (continuous actions)"""
     norm_obs: bool = True
-    """normalise observations and states with running mean/std (updated after each update)"""
+    """normalise observations and states with running mean/std, clipped to ±10 (off: the raw inputs)"""
 
     # MIR3
     mi_coef: Optional[float] = None
@@ -141,11 +146,15 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class RunningNorm(nn.Module):
-    """Running mean/variance (parallel Welford); buffers, so they travel in the state_dict."""
+    """Running mean/variance (parallel Welford); buffers, so they travel in the state_dict.
 
-    def __init__(self, dim: int, clip: float = 10.0):
+    ``active=False`` (--no-norm-obs) passes inputs through unchanged, without the ±clip that would
+    otherwise cut raw quadrotor body rates or large grid coordinates.
+    """
+
+    def __init__(self, dim: int, clip: float = 10.0, active: bool = True):
         super().__init__()
-        self.clip = clip
+        self.clip, self.active = clip, active
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("var", torch.ones(dim))
         self.register_buffer("count", torch.tensor(1e-4))
@@ -160,6 +169,8 @@ class RunningNorm(nn.Module):
         self.count.copy_(total)
 
     def forward(self, x):
+        if not self.active:
+            return x
         return ((x - self.mean) / torch.sqrt(self.var + 1e-8)).clamp(-self.clip, self.clip)
 
     def denormalize(self, y):
@@ -170,10 +181,10 @@ class Actor(nn.Module):
     """Shared actor on normalised obs + agent id: MLP (2 tanh layers) or GRU; logits or Gaussian mean."""
 
     def __init__(self, obs_dim: int, n_agents: int, out_dim: int, hidden_dim: int, rnn: bool, discrete: bool,
-                 init_log_std: float = 0.0):
+                 init_log_std: float = 0.0, norm_obs: bool = True):
         super().__init__()
         self.hidden_dim, self.is_rnn = hidden_dim, rnn
-        self.obs_norm = RunningNorm(obs_dim)
+        self.obs_norm = RunningNorm(obs_dim, active=norm_obs)
         self.register_buffer("ids", one_hot_ids(n_agents, "cpu"))
         self.fc1 = layer_init(nn.Linear(obs_dim + n_agents, hidden_dim))
         self.core = nn.GRUCell(hidden_dim, hidden_dim) if rnn else layer_init(nn.Linear(hidden_dim, hidden_dim))
@@ -204,9 +215,9 @@ class Actor(nn.Module):
 class Critic(nn.Module):
     """Centralised V(state) in normalised units; ``value_norm`` holds the running return statistics."""
 
-    def __init__(self, state_dim: int, hidden_dim: int):
+    def __init__(self, state_dim: int, hidden_dim: int, norm_state: bool = True):
         super().__init__()
-        self.state_norm = RunningNorm(state_dim)
+        self.state_norm = RunningNorm(state_dim, active=norm_state)
         self.value_norm = RunningNorm(1, clip=float("inf"))
         self.net = nn.Sequential(layer_init(nn.Linear(state_dim, hidden_dim)), nn.Tanh(),
                                  layer_init(nn.Linear(hidden_dim, hidden_dim)), nn.Tanh(),
@@ -334,7 +345,8 @@ def load_policy(checkpoint: dict, device="cpu") -> Policy:
         args, space, n_agents = checkpoint["args"], checkpoint["action_space"], checkpoint["n_agents"]
         discrete = space["type"] == "discrete"
         n_out = space["n"] if discrete else space["shape"][0]
-        actor = Actor(checkpoint["obs_dim"], n_agents, n_out, args["hidden_dim"], args["rnn"], discrete).to(device)
+        actor = Actor(checkpoint["obs_dim"], n_agents, n_out, args["hidden_dim"], args["rnn"], discrete,
+                      norm_obs=args.get("norm_obs", True)).to(device)
         actor.load_state_dict(checkpoint["models"]["actor"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise ValueError(f"unusable mir3_mappo checkpoint: {type(e).__name__}: {e}") from None
@@ -381,21 +393,79 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_args(args: Args) -> None:
+    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    for name in ("num_envs", "num_steps", "total_timesteps", "num_minibatches", "update_epochs", "hidden_dim",
+                 "club_hidden_dim", "club_batch_size", "club_steps", "eval_episodes"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_interval", "save_interval"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.num_minibatches > args.num_envs * (1 if args.rnn else args.num_steps):
+        fail(f"--num-minibatches ({args.num_minibatches}) must be <= --num-envs{'' if args.rnn else ' x --num-steps'}")
+    unit, positive, nonneg = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0"), \
+        (lambda v: v >= 0, "be >= 0")
+    for name, (ok, rule) in {"mi_coef": nonneg, "gamma": unit, "gae_lambda": unit, "learning_rate": positive,
+                             "club_lr": positive, "clip_coef": positive, "ent_coef": nonneg, "vf_coef": nonneg,
+                             "max_grad_norm": positive, "init_log_std": (math.isfinite, "be finite")}.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value is None:  # --ent-coef: the default by action type
+            continue
+        if not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if not ok(value):
+            fail(f"{flag} must {rule}, got {value}")
+    if args.mi_estimator not in MI_ESTIMATORS:
+        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+
+
+def env_kwargs_of(args, defaults: Optional[dict] = None) -> dict:
+    """The env constructor options: ``defaults``, the JSON object of --env-kwargs, --n-agents / --episode-limit."""
+    flags = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
+    extra = {}
+    if args.env_kwargs is not None:
+        try:
+            extra = json.loads(args.env_kwargs)
+        except ValueError as e:
+            fail(f"--env-kwargs must be a JSON object such as '{{\"world_size\": 100}}': {e}")
+        if not isinstance(extra, dict):
+            fail(f"--env-kwargs must be a JSON object such as '{{\"world_size\": 100}}', got {args.env_kwargs!r}")
+        for key, flag in {**{k: "--" + k.replace("_", "-") for k in flags}, "num_envs": "--num-envs",
+                          "seed": "--seed", "device": "--cuda"}.items():
+            if key in extra:
+                fail(f"--env-kwargs sets {key!r}, which {flag} also sets: give it once")
+    return {**(defaults or {}), **extra, **flags}
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals() -> None:
+    """From now on Ctrl-C, SIGTERM and SIGUSR1 do nothing: nothing may interrupt the checkpoint save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGUSR1 (what cluster schedulers send before preemption) stop training as Ctrl-C does:
+    KeyboardInterrupt, whose handler saves the checkpoint. The first one disarms all three."""
+
+    def stop(signum, frame):
+        ignore_stop_signals()
+        raise KeyboardInterrupt(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     keep_freed_memory()
     if args.mi_coef is None:
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF)
-    if args.mi_coef < 0:
-        fail(f"--mi-coef must be >= 0, got {args.mi_coef}")
-    if args.mi_estimator not in MI_ESTIMATORS:
-        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
-    for name in ("num_envs", "num_steps", "total_timesteps", "num_minibatches", "update_epochs", "hidden_dim",
-                 "club_batch_size", "eval_episodes"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.num_minibatches > args.num_envs * (1 if args.rnn else args.num_steps):
-        fail(f"--num-minibatches ({args.num_minibatches}) must be <= --num-envs{'' if args.rnn else ' x --num-steps'}")
+    check_args(args)
+    env_kwargs = env_kwargs_of(args, DEFAULT_ENV_KWARGS.get(args.env_id))
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
@@ -404,8 +474,6 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env_kwargs = dict(DEFAULT_ENV_KWARGS.get(args.env_id, {}))
-    env_kwargs.update({k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None})
     try:
         env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
         eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
@@ -422,8 +490,9 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: initialize agent here
-    actor = Actor(env.obs_dim, N, A, args.hidden_dim, args.rnn, discrete, args.init_log_std).to(device)
-    critic = Critic(env.state_dim, args.hidden_dim).to(device)
+    actor = Actor(env.obs_dim, N, A, args.hidden_dim, args.rnn, discrete, args.init_log_std,
+                  args.norm_obs).to(device)
+    critic = Critic(env.state_dim, args.hidden_dim, args.norm_obs).to(device)
     club = CLUB(env.state_dim, N, A, discrete, args.club_hidden_dim).to(device)
     params = list(actor.parameters()) + list(critic.parameters())
     optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5)
@@ -450,7 +519,20 @@ if __name__ == "__main__":
                 "action_space": space, "global_step": global_step,
                 "models": {"actor": actor.state_dict(), "critic": critic.state_dict(), "club": club.state_dict()}}
 
+    def stop_if_not_finite(losses: dict) -> None:
+        """Stop the run (exit 1) with one line if a loss or a parameter is NaN or inf (checked on every
+        minibatch's loss before its step, after every update and before every save), so a diverged run
+        never overwrites a good checkpoint."""
+        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
+        bad += [f"{name} weights" for name, net in (("actor", actor), ("critic", critic), ("club", club))
+                if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
+        if bad:
+            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
+                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
+            sys.exit(1)
+
     def save() -> str:
+        stop_if_not_finite(losses)
         path = f"runs/{run_name}/{args.exp_name}.pt"
         torch.save(checkpoint(), path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
@@ -487,10 +569,11 @@ if __name__ == "__main__":
           f"{'Discrete' if discrete else 'Box'}({A}), λ = {args.mi_coef}, {num_iterations} iterations of "
           f"{E}x{T} steps, device {device}")
     global_step, last_save, last_eval, last_print = 0, 0, 0, 0.0
-    recent_returns = []
+    recent_returns, losses = [], {}
     obs, state, avail = env.reset()
     hidden = actor.init_hidden(E, N, device)
     start_time = time.time()
+    stop_on_signals()
     try:
         for iteration in range(1, num_iterations + 1):
             if args.anneal_lr:
@@ -525,10 +608,9 @@ if __name__ == "__main__":
             b_states, b_actions = state_buf.view(T * E, -1), actions_buf.view(T * E, *actions_buf.shape[2:])
             rewards = reward_buf
             if args.mi_coef > 0:  # MIR3: r - λ·Î(s; a) on the fresh rollout, before GAE
-                mi, club_loss = mi_penalty(b_states, b_actions)
+                mi, losses["losses/club_loss"] = mi_penalty(b_states, b_actions)
                 rewards = reward_buf - args.mi_coef * mi.view(T, E)
-                writer.add_scalar("mi/upper_bound", mi.mean().item(), global_step)
-                writer.add_scalar("losses/club_loss", club_loss, global_step)
+                losses["mi/upper_bound"] = mi.mean().item()
             with torch.no_grad():
                 old_values = critic(state_buf)  # normalised units
                 values = critic.value_norm.denormalize(old_values[..., None])[..., 0]
@@ -579,6 +661,9 @@ if __name__ == "__main__":
                     v_loss = 0.5 * torch.max((new_value - v_target) ** 2, (v_clipped - v_target) ** 2).mean()
 
                     loss = pg_loss - ent_coef * entropy.mean() + args.vf_coef * v_loss
+                    if not math.isfinite(loss.item()):  # stop before a non-finite step reaches the weights
+                        stop_if_not_finite({"losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
+                                            "losses/entropy": entropy.mean().item()})
                     # optimize the model
                     optimizer.zero_grad()
                     loss.backward()
@@ -588,12 +673,14 @@ if __name__ == "__main__":
                 actor.obs_norm.update(obs_buf)
                 critic.state_norm.update(state_buf)
 
+            losses.update({"losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
+                           "losses/entropy": entropy.mean().item(),
+                           "losses/approx_kl": torch.stack(approx_kls).mean().item(),
+                           "losses/clipfrac": torch.stack(clipfracs).mean().item()})
+            stop_if_not_finite(losses)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy.mean().item(), global_step)
-            writer.add_scalar("losses/approx_kl", torch.stack(approx_kls).mean().item(), global_step)
-            writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+            for k, v in losses.items():
+                writer.add_scalar(k, v, global_step)
             writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
 
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or iteration == num_iterations):
@@ -611,13 +698,17 @@ if __name__ == "__main__":
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
+        ignore_stop_signals()
+        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
         if args.save_model:
-            print(f"interrupted: checkpoint saved to {save()}", flush=True)
-        sys.exit(130)
+            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
+            print(f"checkpoint saved to {save()}", flush=True)
+        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
 
+    ignore_stop_signals()
     if args.save_model:
-        print(f"checkpoint saved to {save()}")
+        print(f"checkpoint saved to {save()}", flush=True)
     env.close()
     eval_env.close()
     writer.close()
