@@ -2,19 +2,21 @@
 # Lee et al., "Interaction-Breaking Adversarial Learning Framework for Robust MARL", ICML 2026.
 # Every episode a random group G1 of k ~ U{0..K} agents (K ≤ n/2) is cut off from the rest, G2:
 # - observation attack: the L dims of each G1 agent's observation that carry the most information
-#   about G2's actions, Σ_{j∈G2} I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t), are zeroed for the episode;
+#   about G2's actions, Σ_{j∈G2} I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t), are zeroed for the episode, and
+#   symmetrically each G2 agent's L dims about G1's actions, as the paper does to avoid a training
+#   bias (masking one side only, --mask-direction g1, trains G2 on inputs that are never masked);
 # - action attack: with probability P_act per step, G1's actions are rewritten to the ones that
 #   minimise pointwise MI with G2's intended actions, argmin_a log q(a | â^{G2}, τ) - log q(a | τ);
 # - curriculum: P_act ~ U(P_min, P_max) per episode, and P_max <- min(1, α·P_max) whenever the
 #   recent success rate exceeds η, after a warm-up without attacks.
 # Both MI estimators train online. The QMIX loss is unchanged and trains on the perturbed
 # transitions: attacker and env together form an induced Dec-POMDP (the paper's Thm 4.2).
-# The recipe is ../shared/reference/quads_ibal.md §2.3; where it marks a choice [C] (the paper leaves
-# it open) the code below says what we chose and why.
+# Where the paper leaves a choice open, the code below marks it [C] and says what we chose and why.
 # The QMIX core is copied from mir3_qmix.py (pymarl QMIX with inputs scaled to [-1, 1] and
 # standardised rewards); with --attack-k 0 this script trains exactly what `mir3_qmix.py --mi-coef 0`
 # trains (tests/test_ibal_qmix.py checks bit-identical weights).
 import ctypes
+import json
 import math
 import os
 import sys
@@ -33,6 +35,7 @@ from torch.utils.tensorboard import SummaryWriter
 import envs
 
 ATTACK_TYPES = ("obs", "act", "both")
+MASK_DIRECTIONS = ("both", "g1")
 LOG_PROB_FLOOR = math.log(1e-4)  # pointwise-MI argmin: ignore differences among near-impossible actions
 
 
@@ -58,6 +61,8 @@ class Args:
     """number of agents of our own tasks (None: the env default)"""
     episode_limit: Optional[int] = None
     """episode length of our own tasks (None: the env default)"""
+    env_kwargs: Optional[str] = None
+    """extra env constructor options as a JSON object, e.g. '{"max_episode_steps": 25}' (saved in the checkpoint)"""
     num_envs: int = 8
     """number of parallel environments"""
 
@@ -101,7 +106,9 @@ class Args:
     attack_k: Optional[int] = None
     """K: the attacked group has k ~ U{0..K} agents (None: max(1, n // 2); 0: no attacks, plain QMIX)"""
     mask_dims: Optional[int] = None
-    """L: observation dims zeroed per attacked agent (None: ceil(0.1 * obs_dim))"""
+    """L: observation dims zeroed per masked agent (None: ceil(0.1 * obs_dim))"""
+    mask_direction: str = "both"
+    """both: G1 loses its dims about G2 and G2 its dims about G1 (the paper); g1: only G1's view is masked"""
     attack_types: str = "both"
     """which attacks run: obs, act or both (the paper's ablations)"""
     p_max_init: float = 0.5
@@ -517,7 +524,8 @@ class InteractionBreaker:
     @torch.no_grad()
     def plan(self, num_envs: int, k_range, p_range, old: Optional[dict] = None, done=None, gen=None) -> dict:
         """Draw each env's attack for a new episode: k ~ U{k_range}, G1 a random k-subset, P_act ~
-        U(p_range) and, for every G1 agent i, the top-L dims of Σ_{j∈G2} max(M[i, j, ·], 0) to mask.
+        U(p_range) and, for every G1 agent i, the top-L dims of Σ_{j∈G2} max(M[i, j, ·], 0) to mask;
+        with --mask-direction both (and k > 0), also every G2 agent's top-L dims of Σ_{j∈G1} max(M[i, j, ·], 0).
         With ``old`` and ``done`` [E], only the envs that finished get a new draw. ``gen``: a
         generator to draw from instead of the training stream (evaluation)."""
         E, N = num_envs, self.N
@@ -528,10 +536,13 @@ class InteractionBreaker:
         obs_mask = torch.zeros(E, N, self.D, dtype=torch.bool, device=self.device)
         if self.use_obs and self.mask_dims > 0:
             # [C] the mask is fixed for the episode: the score is an expectation, not a per-step quantity
-            per_dim = torch.einsum("ijd,ej->eid", self.scores.clamp(min=0), (~g1).float())
+            # other[e, i, j]: j is in the other group than i, the teammates whose influence is cut
+            other = g1[:, :, None] != g1[:, None, :]
+            per_dim = torch.einsum("ijd,eij->eid", self.scores.clamp(min=0), other.float())
             top = per_dim.topk(self.mask_dims, -1).indices
             obs_mask.scatter_(-1, top, True)
-            obs_mask &= g1[..., None]
+            masked = g1 | g1.any(1, keepdim=True) if self.args.mask_direction == "both" else g1
+            obs_mask &= masked[..., None]
         new = {"g1": g1, "p_act": p_act, "obs_mask": obs_mask}
         if old is None:
             return new
@@ -540,7 +551,8 @@ class InteractionBreaker:
                 "obs_mask": torch.where(d[..., None], obs_mask, old["obs_mask"])}
 
     def mask_obs(self, obs, plan: dict):
-        """What the agents see: the planned dims of G1's observations set to --mask-value."""
+        """What the agents see: the planned dims (of G1's and, with --mask-direction both, G2's
+        observations) set to --mask-value."""
         return obs.masked_fill(plan["obs_mask"], self.args.mask_value)
 
     @torch.no_grad()
@@ -641,20 +653,21 @@ def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tup
     """IBAL's interaction-breaking attack on a frozen QMIX defender (``attack_worstcase.py
     --interaction-breaking`` calls this for mir3_qmix and ibal_qmix checkpoints).
 
-    Fresh estimators are fitted to this victim: ``--attack-fit-steps`` env steps of its own clean
-    play (ε = --epsilon-finish, so that q_φ also sees off-policy actions), then
-    ``--attack-fit-updates`` estimator steps. Then one greedy episode per env of ``env`` with
-    |G1| = K, the top-L dims masked and P_act = ``--attack-p-act``. The knobs come from an ibal_qmix
-    checkpoint's args, else from this script's defaults. Returns (returns [E], success [E]).
+    Fresh estimators are fitted to this victim on ``env`` itself, the env being evaluated (which
+    may differ from the checkpoint's, e.g. with attack_worstcase's --env-id): ``--attack-fit-steps``
+    env steps of its own clean play (ε = --epsilon-finish, so that q_φ also sees off-policy
+    actions), then ``--attack-fit-updates`` estimator steps. Then ``env`` is reset and plays one
+    greedy episode per env with |G1| = K, the top-L dims masked and P_act = ``--attack-p-act``.
+    These episodes follow the fitting ones, so they are not the first episodes of ``env``. The
+    knobs come from an ibal_qmix checkpoint's args, else from this script's defaults.
+    Returns (returns [E], success [E]).
     """
     saved = checkpoint.get("args", {}) if checkpoint.get("script") == "ibal_qmix" else {}
     names = {f.name for f in fields(Args)}
     args = Args(**{k: v for k, v in saved.items() if k in names})
     args = replace(args, estimator_window=args.attack_fit_steps)  # the estimators see every fitting step
     device = env.device
-    fit_env = envs.make(checkpoint["env_id"], num_envs=args.num_envs, seed=seed + 200_000, device=device,
-                        **checkpoint.get("env_kwargs", {}))
-    *_, state_box = input_bounds(fit_env, device)
+    *_, state_box = input_bounds(env, device)
     K = group_cap(args.attack_k, env.n_agents) or group_cap(None, env.n_agents)  # a K = 0 run is attacked with the default K
     breaker = InteractionBreaker(env.n_agents, env.obs_dim, env.state_dim, env.n_actions, args, policy.scale_obs,
                                  state_box, device, seed)
@@ -662,16 +675,15 @@ def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tup
     # the same attack whatever the caller did before, and the caller's stream is left as it was
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
-        obs, state, avail = fit_env.reset()
-        hidden = policy.init_hidden(fit_env.num_envs)
-        for _ in range(math.ceil(args.attack_fit_steps / fit_env.num_envs)):
+        obs, state, avail = env.reset()
+        hidden = policy.init_hidden(env.num_envs)
+        for _ in range(math.ceil(args.attack_fit_steps / env.num_envs)):
             actions, hidden = policy.act(obs, avail, hidden, args.epsilon_finish)
-            next_obs, next_state, next_avail, _, terminated, truncated, info = fit_env.step(actions)
+            next_obs, next_state, next_avail, _, terminated, truncated, info = env.step(actions)
             breaker.observe(state, obs, info["final_obs"], actions, actions, avail)
             done = terminated | truncated
             hidden = hidden * (~done).view(-1, 1, 1)
             obs, state, avail = next_obs, next_state, next_avail
-    fit_env.close()
     for _ in range(args.attack_fit_updates):
         breaker.train_step()
     return evaluate(policy, env, breaker, K, args.attack_p_act, seed)
@@ -697,27 +709,58 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_args(args: Args) -> None:
+    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "mixer_embed_dim",
+                 "hypernet_dim", "eval_episodes", "target_update_interval", "estimator_batch_size", "estimator_window",
+                 "success_window", "obs_model_hidden_dim", "act_model_hidden_dim", "attack_fit_steps"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval", "attack_fit_updates"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name, options in (("attack_types", ATTACK_TYPES), ("mask_direction", MASK_DIRECTIONS)):
+        if getattr(args, name) not in options:
+            fail(f"--{name.replace('_', '-')} must be one of {', '.join(options)}, got {getattr(args, name)!r}")
+    unit, positive = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0")
+    checks = {"gamma": unit, "td_lambda": unit, "epsilon_start": unit, "epsilon_finish": unit, "lr": positive,
+              "max_grad_norm": positive, "updates_per_episode": positive, "p_max_init": unit, "p_min": unit,
+              "alpha": (lambda v: v >= 1, "be >= 1 (P_max only grows)"), "eta": unit, "warmup_fraction": unit,
+              "mask_value": (lambda v: True, ""), "estimator_lr": positive,
+              "score_ema": (lambda v: 0 <= v < 1, "lie in [0, 1)"), "attack_p_act": unit}
+    for name, (ok, rule) in checks.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value is None:  # p_min: the default
+            continue
+        if not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if not ok(value):
+            fail(f"{flag} must {rule}, got {value}")
+
+
+def env_kwargs_of(args) -> dict:
+    """The env constructor options: --n-agents / --episode-limit plus the JSON object of --env-kwargs."""
+    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
+    if args.env_kwargs is None:
+        return env_kwargs
+    try:
+        extra = json.loads(args.env_kwargs)
+    except ValueError as e:
+        fail(f"--env-kwargs must be a JSON object such as '{{\"max_episode_steps\": 25}}': {e}")
+    if not isinstance(extra, dict):
+        fail(f"--env-kwargs must be a JSON object such as '{{\"max_episode_steps\": 25}}', got {args.env_kwargs!r}")
+    for key, flag in {**{k: "--" + k.replace("_", "-") for k in env_kwargs}, "num_envs": "--num-envs",
+                      "seed": "--seed", "device": "--cuda"}.items():
+        if key in extra:
+            fail(f"--env-kwargs sets {key!r}, which {flag} also sets: give it once")
+    return {**env_kwargs, **extra}
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     keep_freed_memory()
-    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
-                 "target_update_interval", "estimator_batch_size", "estimator_window", "success_window",
-                 "obs_model_hidden_dim", "act_model_hidden_dim", "attack_fit_steps"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.updates_per_episode <= 0:
-        fail(f"--updates-per-episode must be > 0, got {args.updates_per_episode}")
-    if args.attack_fit_updates < 0:
-        fail(f"--attack-fit-updates must be >= 0, got {args.attack_fit_updates}")
-    if args.attack_types not in ATTACK_TYPES:
-        fail(f"--attack-types must be one of {', '.join(ATTACK_TYPES)}, got {args.attack_types!r}")
-    for name in ("p_max_init", "eta", "warmup_fraction", "attack_p_act") + (("p_min",) if args.p_min is not None else ()):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
-    if args.alpha < 1:
-        fail(f"--alpha must be >= 1 (P_max only grows), got {args.alpha}")
-    if not 0 <= args.score_ema < 1:
-        fail(f"--score-ema must lie in [0, 1), got {args.score_ema}")
+    check_args(args)
+    env_kwargs = env_kwargs_of(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
@@ -726,7 +769,6 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
     try:
         env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
         if not env.is_discrete:
@@ -738,6 +780,9 @@ if __name__ == "__main__":
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
     N, T, A = env.n_agents, env.episode_limit, env.n_actions
     K = group_cap(args.attack_k, N)
+    if args.attack_k is None and K > N // 2:
+        fail(f"{args.env_id!r} has {N} agent, too few for IBAL (the attacked group G1 has at most n // 2 agents "
+             f"and G2 the rest); pass --attack-k 0 to train plain QMIX")
     if not 0 <= K <= N // 2:
         fail(f"--attack-k must lie in [0, {N // 2}] for {N} agents (|G1| ≤ n/2), got {K}")
     if args.mask_dims is not None and not 0 <= args.mask_dims <= env.obs_dim:

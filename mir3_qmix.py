@@ -7,10 +7,13 @@
 # updates, ε-greedy, replay of whole episodes, masked TD loss, truncated episodes bootstrap.
 # Two input details matter on LBF: observations and state are scaled to [-1, 1] with the env's
 # bounds (raw grid coordinates make a fresh mixer start at Q_tot ≈ 3-18 while returns are ≤ 1), and
-# rewards are standardised with running statistics in the TD target, as epymarl does. Targets are
+# rewards are standardised with running statistics in the TD target, as epymarl does (the MIR3
+# penalty is subtracted before, so λ is in reward units as in the other two scripts). Targets are
 # TD(λ) with λ = 0.6 (pymarl2's fine-tuned QMIX): on LBF 8x8-2p-2f-coop one-step targets (lr 3e-4)
 # reached an evaluation return of 0.30 after 600k steps, TD(0.6) (lr 5e-4) 0.45; one seed each (README).
 import ctypes
+import json
+import math
 import os
 import sys
 import time
@@ -27,10 +30,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 import envs
 
-# λ per env id, or per family ("lbf:"), from the short check documented in README; else the fallback.
-# Î of a factorised categorical is at most N·log A nats per step and an LBF episode pays 1 in total,
-# so λ must be small there: 1e-3 costs at most ~0.18 per 50-step episode with 2 agents.
-DEFAULT_MI_COEF = {"lbf:": 1e-3}
+# λ per env id, or per family ("lbf:"), from the short sweep documented in README; else the fallback.
+# λ is in reward units. Î of a factorised categorical is at most N·log A nats per step (3.6 for 2
+# agents and 6 actions) and an LBF episode pays at most 1 in total, so λ must be small there:
+# 1e-4 costs at most 0.018 per 50-step episode (Î ≈ 1 nat once the team learns); 1e-3 made the
+# penalty as large as the reward of the early, rarely successful episodes, and the team never learned.
+DEFAULT_MI_COEF = {"lbf:": 1e-4}
 FALLBACK_MI_COEF = 0.01
 MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
 
@@ -57,6 +62,8 @@ class Args:
     """number of agents of our own tasks (None: the env default)"""
     episode_limit: Optional[int] = None
     """episode length of our own tasks (None: the env default)"""
+    env_kwargs: Optional[str] = None
+    """extra env constructor options as a JSON object, e.g. '{"max_episode_steps": 25}' (saved in the checkpoint)"""
     num_envs: int = 8
     """number of parallel environments"""
 
@@ -94,11 +101,11 @@ class Args:
     max_grad_norm: float = 10.0
     """global gradient-norm clip"""
     standardise_rewards: bool = True
-    """divide rewards by their running std and subtract the mean in the TD target (epymarl on LBF)"""
+    """standardise the (shaped) rewards with the running mean and std of r in the TD target (epymarl on LBF)"""
 
     # MIR3
     mi_coef: Optional[float] = None
-    """λ, weight of the MI penalty in the TD target (0: plain QMIX; None: the per-env default)"""
+    """λ, weight of the MI penalty r - λ·Î in reward units (0: plain QMIX; None: the per-env default)"""
     mi_estimator: str = "club"
     """MI upper bound: club, club-sample, l1out or vub"""
     club_lr: float = 5e-4
@@ -288,6 +295,15 @@ def lambda_returns(reward, terminated, q_next, mask, gamma: float, lam: float):
     return targets
 
 
+def shaped_rewards(reward, mi, mi_coef: float, mean, var, standardise: bool):
+    """Rewards of the TD target: r - λ·Î, then (with --standardise-rewards) standardised with the
+    running mean and variance of r. The penalty is subtracted before the division by σ_r, so λ is
+    in reward units, as in mir3_maddpg and mir3_mappo (subtracted after it, λ would act as λ·σ_r,
+    which on LBF is 6-150 times smaller and drifts as the team collects more food)."""
+    shaped = reward - mi_coef * mi
+    return (shaped - mean) / (var.sqrt() + 1e-8) if standardise else shaped
+
+
 def agent_inputs(obs, last_onehot, ids):
     """obs ⊕ one-hot last action ⊕ one-hot agent id, on [..., N, ·]."""
     return torch.cat((obs, last_onehot, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
@@ -340,6 +356,17 @@ def action_space_dict(space) -> dict:
     if space.__class__.__name__ == "Discrete":
         return {"type": "discrete", "n": int(space.n)}
     return {"type": "box", "shape": list(space.shape), "low": space.low.tolist(), "high": space.high.tolist()}
+
+
+def executed_as_last_action(hidden, actions, n_actions: int):
+    """Put the executed actions [E, N] into the last-action slot of a QMIX ``hidden`` [E, N, H + A].
+
+    ``Policy.act`` records the actions it chose; a caller that executes other ones (an attacker
+    rewriting them, as in ibal_qmix and attack_worstcase) calls this so that the agents' next input
+    is what was executed, as in the replay buffer. Here every chosen action is executed, so this
+    script itself never needs it.
+    """
+    return torch.cat((hidden[..., :-n_actions], F.one_hot(actions, n_actions).float()), -1)
 
 
 def load_policy(checkpoint: dict, device="cpu") -> Policy:
@@ -397,22 +424,55 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_args(args: Args) -> None:
+    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "mixer_embed_dim",
+                 "hypernet_dim", "eval_episodes", "target_update_interval", "club_hidden_dim", "club_window",
+                 "club_batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    unit, positive = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0")
+    for name, (ok, rule) in {"mi_coef": (lambda v: v >= 0, "be >= 0"), "gamma": unit, "td_lambda": unit,
+                             "epsilon_start": unit, "epsilon_finish": unit, "lr": positive, "club_lr": positive,
+                             "max_grad_norm": positive, "updates_per_episode": positive}.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+        if not ok(value):
+            fail(f"{flag} must {rule}, got {value}")
+    if args.mi_estimator not in MI_ESTIMATORS:
+        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+
+
+def env_kwargs_of(args) -> dict:
+    """The env constructor options: --n-agents / --episode-limit plus the JSON object of --env-kwargs."""
+    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
+    if args.env_kwargs is None:
+        return env_kwargs
+    try:
+        extra = json.loads(args.env_kwargs)
+    except ValueError as e:
+        fail(f"--env-kwargs must be a JSON object such as '{{\"max_episode_steps\": 25}}': {e}")
+    if not isinstance(extra, dict):
+        fail(f"--env-kwargs must be a JSON object such as '{{\"max_episode_steps\": 25}}', got {args.env_kwargs!r}")
+    for key, flag in {**{k: "--" + k.replace("_", "-") for k in env_kwargs}, "num_envs": "--num-envs",
+                      "seed": "--seed", "device": "--cuda"}.items():
+        if key in extra:
+            fail(f"--env-kwargs sets {key!r}, which {flag} also sets: give it once")
+    return {**env_kwargs, **extra}
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     keep_freed_memory()
     if args.mi_coef is None:
         family = args.env_id.partition(":")[0] + ":"
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, DEFAULT_MI_COEF.get(family, FALLBACK_MI_COEF))
-    if args.mi_coef < 0:
-        fail(f"--mi-coef must be >= 0, got {args.mi_coef}")
-    if args.mi_estimator not in MI_ESTIMATORS:
-        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
-    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
-                 "target_update_interval", "club_window", "club_batch_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.updates_per_episode <= 0:
-        fail(f"--updates-per-episode must be > 0, got {args.updates_per_episode}")
+    check_args(args)
+    env_kwargs = env_kwargs_of(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
@@ -421,7 +481,6 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
     try:
         env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
         if not env.is_discrete:
@@ -504,10 +563,8 @@ if __name__ == "__main__":
             mi = torch.zeros_like(mask)
             if args.mi_coef > 0:
                 mi[valid] = club.mi(state[:, :-1][valid], onehot[valid], args.mi_estimator)
-            reward = (batch["reward"] - reward_mean) / (reward_var.sqrt() + 1e-8) if args.standardise_rewards \
-                else batch["reward"]
-            target = lambda_returns(reward - args.mi_coef * mi, batch["terminated"], q_tot_next, mask,
-                                    args.gamma, args.td_lambda)
+            reward = shaped_rewards(batch["reward"], mi, args.mi_coef, reward_mean, reward_var, args.standardise_rewards)
+            target = lambda_returns(reward, batch["terminated"], q_tot_next, mask, args.gamma, args.td_lambda)
         q_tot = mixer(chosen, state[:, :-1])
         td = (q_tot - target) * mask
         loss = (td**2).sum() / n_valid
@@ -520,6 +577,7 @@ if __name__ == "__main__":
                 "losses/target_mean": (target * mask).sum().item() / n_valid.item()}
         if args.mi_coef > 0:
             logs["mi/upper_bound"] = mi[valid].mean().item()
+            logs["mi/penalty"] = args.mi_coef * logs["mi/upper_bound"]  # mean λ·Î per step, in reward units
         return logs
 
     def club_step() -> float:
@@ -588,6 +646,7 @@ if __name__ == "__main__":
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
+                writer.add_scalar("charts/reward_std", reward_var.sqrt().item(), global_step)  # σ_r of the standardisation
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
 
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
@@ -601,7 +660,8 @@ if __name__ == "__main__":
                 last_print = time.time()
                 ret = np.mean(recent_returns) if recent_returns else float("nan")
                 print(f"global_step={global_step} SPS={int(global_step / (time.time() - start_time))} "
-                      f"updates={updates} epsilon={epsilon:.2f} return={ret:.2f}", flush=True)
+                      f"updates={updates} epsilon={epsilon:.2f} return={ret:.2f} reward_std={reward_var.sqrt().item():.4f}",
+                      flush=True)
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()

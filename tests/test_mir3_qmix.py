@@ -2,6 +2,8 @@
 
 import functools
 import glob
+import inspect
+import json
 import os
 import re
 import textwrap
@@ -11,7 +13,9 @@ import torch
 
 import envs
 import helpers
-from mir3_qmix import QMixer, lambda_returns, load_policy
+import ibal_qmix
+import mir3_qmix
+from mir3_qmix import QMixer, lambda_returns, load_policy, shaped_rewards
 
 SCRIPT = os.path.join(helpers.ROOT, "mir3_qmix.py")
 TINY = ["--total-timesteps", "480", "--num-envs", "4", "--batch-size", "2", "--eval-interval", "240",
@@ -69,7 +73,7 @@ def test_qmix_finds_the_optimum_of_the_two_step_game(tmp_path):
     helper = tmp_path / "two_step.py"
     helper.write_text(TWO_STEP.replace("SCRIPT", repr(SCRIPT)))
     # one-step targets as in the paper: TD(λ) mixes in the ε-greedy returns of state 2B (0 or 1 when
-    # one agent explores), which pulls the first step's value of 2B below 7
+    # one agent explores), which pulls the first step's value of 2B below 7. Seeds 1-5 all end at 8.
     proc = helpers.run_script(helper, tmp_path, "--env-id", "two-step", "--mi-coef", "0", "--td-lambda", "0",
                               "--total-timesteps", "1200", "--epsilon-anneal-steps", "500", "--target-update-interval", "50",
                               "--eval-interval", "600", "--eval-episodes", "4", "--buffer-size", "1000",
@@ -79,28 +83,32 @@ def test_qmix_finds_the_optimum_of_the_two_step_game(tmp_path):
 
 
 def test_qmix_learns_small_lbf_task(tmp_path):
-    # 5x5, 2 players, 1 food: a uniform random policy collects it in about half the episodes;
-    # a deterministic greedy policy must earn it by learning (it can also get stuck at a wall).
+    # 5x5, 2 players, 1 food: a uniform random policy collects it in about half the episodes (0.47);
+    # a deterministic greedy policy must earn it by learning: untrained, it scores 0.00-0.03 (it gets
+    # stuck at a wall). Fixed seeds reproduce only on the same CPU and library build, so the bound holds
+    # for every seed: seeds 1-5 ended at 0.92 / 0.78 / 0.92 / 0.80 / 0.70.
     env_id = "lbf:Foraging-5x5-2p-1f-v3"
     proc = run_script(tmp_path, "--env-id", env_id, "--mi-coef", "0", "--total-timesteps", "20000",
                       "--epsilon-anneal-steps", "10000", "--eval-interval", "10000", "--eval-episodes", "64",
                       "--no-save-model")
     final = evals(proc.stdout)[-1]
     baseline = helpers.random_return(env_id)
-    assert final[0] == 20000 and final[1] > baseline + 0.15, (baseline, proc.stdout)
+    assert final[0] == 20000 and final[1] > baseline + 0.1, (baseline, proc.stdout)
 
 
 SMOKE = [
     ("quads-same-goal-discrete", ["--n-agents", "2", "--episode-limit", "20", "--mi-estimator", "l1out"]),
     ("quads-swarm-vs-swarm-discrete", ["--n-agents", "2", "--episode-limit", "20", "--mi-estimator", "vub"]),
-    ("lbf:Foraging-5x5-2p-1f-v3", ["--mi-estimator", "club-sample"]),
+    ("lbf:Foraging-5x5-2p-1f-v3", ["--mi-estimator", "club-sample", "--env-kwargs", '{"max_episode_steps": 25}']),
 ]
 RENDEZVOUS = ["--env-id", "rendezvous-discrete", "--n-agents", "3", "--episode-limit", "20", *TINY]
 
 
-def check_round_trip(cwd, env_id):
+def check_round_trip(cwd, env_id, env_kwargs=None):
     ckpt = checkpoint_of(cwd)
     assert ckpt["script"] == "mir3_qmix" and ckpt["env_id"] == env_id and ckpt["global_step"] >= 480
+    if env_kwargs is not None:  # --env-kwargs lands in the checkpoint, so attack_worstcase rebuilds the same env
+        assert ckpt["env_kwargs"] == env_kwargs
     assert set(ckpt["models"]) >= {"agent", "mixer", "club"}
     assert glob.glob(os.path.join(cwd, "runs", "*", "events.out.tfevents.*"))
     env = envs.make(env_id, num_envs=2, seed=7, **ckpt["env_kwargs"])
@@ -120,7 +128,10 @@ def check_round_trip(cwd, env_id):
 def test_smoke_and_checkpoint_round_trip(tmp_path, env_id, extra):
     proc = run_script(tmp_path, "--env-id", env_id, *TINY, *extra)
     assert evals(proc.stdout)
-    check_round_trip(tmp_path, env_id)
+    env_kwargs = json.loads(extra[extra.index("--env-kwargs") + 1]) if "--env-kwargs" in extra else None
+    check_round_trip(tmp_path, env_id, env_kwargs)
+    if env_kwargs:
+        assert envs.make(env_id, **checkpoint_of(tmp_path)["env_kwargs"]).episode_limit == 25
 
 
 @pytest.fixture(scope="module")
@@ -145,17 +156,57 @@ def test_plain_qmix_and_determinism(rendezvous_runs):
     assert "club" not in d
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--mi-coef", "-0.1"], "--mi-coef must be >= 0"),
-    (["--env-id", "no-such-env"], "unknown env id 'no-such-env'"),
-    (["--env-id", "rendezvous", "--n-agents", "3"], "mir3_qmix needs discrete actions"),
-    (["--mi-estimator", "mine"], "--mi-estimator must be one of"),
-    (["--num-envs", "0"], "--num-envs must be >= 1"),
-])
+BAD_INPUT = {
+    "mi-coef": (["--mi-coef", "-0.1"], "--mi-coef must be >= 0"),
+    "mi-coef-nan": (["--mi-coef", "nan"], "--mi-coef must be a finite number, got nan"),
+    "mi-coef-inf": (["--mi-coef", "inf"], "--mi-coef must be a finite number, got inf"),
+    "gamma-nan": (["--gamma", "nan"], "--gamma must be a finite number"),
+    "td-lambda": (["--td-lambda", "1.5"], "--td-lambda must lie in [0, 1], got 1.5"),
+    "lr": (["--lr", "0"], "--lr must be > 0"),
+    "epsilon": (["--epsilon-finish", "-0.1"], "--epsilon-finish must lie in [0, 1]"),
+    "unknown-env": (["--env-id", "no-such-env"], "unknown env id 'no-such-env'"),
+    "box-actions": (["--env-id", "rendezvous", "--n-agents", "3"], "mir3_qmix needs discrete actions"),
+    "estimator": (["--mi-estimator", "mine"], "--mi-estimator must be one of"),
+    "num-envs": (["--num-envs", "0"], "--num-envs must be >= 1"),
+    "env-kwargs-json": (["--env-kwargs", "{max_episode_steps: 25}"], "--env-kwargs must be a JSON object"),
+    "env-kwargs-list": (["--env-kwargs", "[25]"], "--env-kwargs must be a JSON object"),
+    "env-kwargs-unknown": (["--env-kwargs", '{"no_such_option": 1}'], "bad option for env"),
+    "env-kwargs-twice": (["--env-id", "rendezvous-discrete", "--n-agents", "3", "--env-kwargs", '{"n_agents": 4}'],
+                         "--env-kwargs sets 'n_agents', which --n-agents also sets"),
+    "env-kwargs-seed": (["--env-kwargs", '{"seed": 3}'], "--env-kwargs sets 'seed', which --seed also sets"),
+}
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUT.values(), ids=BAD_INPUT.keys())
 def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     proc = run_script(tmp_path, *args, check=False)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_penalty_is_subtracted_before_standardisation():
+    """λ is in reward units: the TD target's reward is (r - λ·Î - μ_r) / σ_r, not (r - μ_r) / σ_r - λ·Î."""
+    reward, mi = torch.full((2, 5), 0.3), torch.rand(2, 5) * 3
+    mean, var = torch.tensor(0.3), torch.tensor(0.01)  # a constant stream: only the penalty is left
+    shaped = shaped_rewards(reward, mi, 0.5, mean, var, True)
+    assert torch.allclose(shaped, -0.5 * mi / 0.1, atol=1e-5)
+    assert torch.allclose(shaped_rewards(reward, mi, 0.5, mean, var, False), reward - 0.5 * mi)
+    # λ = 0 is plain standardisation, bit for bit (ibal_qmix --attack-k 0 trains the same weights)
+    r = torch.rand(3, 4)
+    assert torch.equal(shaped_rewards(r, torch.zeros(3, 4), 0.0, mean, var, True), (r - mean) / (var.sqrt() + 1e-8))
+
+
+def test_executed_as_last_action_matches_ibal_qmix():
+    """Same signature and result as ibal_qmix's: the GRU part is kept, the last-action slot is the executed one-hot."""
+    assert inspect.signature(mir3_qmix.executed_as_last_action) == inspect.signature(ibal_qmix.executed_as_last_action)
+    E, N, H, A = 5, 3, 7, 4
+    hidden, actions = torch.rand(E, N, H + A), torch.randint(A, (E, N))
+    out = mir3_qmix.executed_as_last_action(hidden, actions, A)
+    assert torch.equal(out, ibal_qmix.executed_as_last_action(hidden, actions, A))
+    assert torch.equal(out[..., :H], hidden[..., :H])
+    assert torch.equal(out[..., H:], torch.nn.functional.one_hot(actions, A).float())
 
 
 def test_load_policy_refuses_unusable_checkpoints(rendezvous_runs):
