@@ -401,7 +401,8 @@ def aggregate(spec: dict) -> dict:
         cost["attack_s"] += sum(a["wall_s"] for a in result["attacks"])
     base = spec["baseline"]
     found = list(scores.get(base, next(iter(scores.values()), {})))
-    first = ["natural"] + sorted(c for c in found if c.startswith(("random_k", "worstcase_k", "scripted_")))
+    first = ["natural"] + [c for prefix in ("worstcase_k", "scripted_", "random_k") for c in sorted(found)
+                           if c.startswith(prefix)]
     conditions = [c for c in first if c in found] + [c for c in found if c not in first]
     table = {}
     for method, per_cond in scores.items():

@@ -106,8 +106,8 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
         with open(f"results/tiny/{m}__{s}.json", "w") as f:
             json.dump(fake_result(m, s, nat, worst), f)
     summary = robustness.aggregate(spec)
-    assert summary["conditions"] == ["natural", "random_k1", "random_k2", "scripted_flee_k1", "scripted_flee_k2",
-                                     "worstcase_k1", "worstcase_k2", "dis_1"]
+    assert summary["conditions"] == ["natural", "worstcase_k1", "worstcase_k2", "scripted_flee_k1", "scripted_flee_k2",
+                                     "random_k1", "random_k2", "dis_1"]
     plain, mir3 = summary["methods"]["plain"], summary["methods"]["mir3"]
     assert plain["worstcase_k1"]["runs"] == [-21.0, -25.0]  # mean over adversaries [0] and [1]; [5] ignored
     assert plain["worstcase_k2"]["runs"] == [-30.0, -40.0]
