@@ -179,18 +179,6 @@ def test_null_action_values(env_id):
     env.step(null.expand(2, *null.shape).clone())
 
 
-@pytest.mark.parametrize("env_id", ["rendezvous", "rendezvous-discrete", "quads-same-goal",
-                                    "quads-same-goal-discrete", COOP])
-def test_null_action_equals_attack_worstcase(env_id):
-    aw = pytest.importorskip("attack_worstcase")
-    if not hasattr(aw, "null_actions"):
-        pytest.skip("attack_worstcase.null_actions was replaced by BatchedEnv.null_action")
-    env = envs.make(env_id, num_envs=2, **SMALL[env_id])
-    ref = aw.null_actions(env, env_id)
-    null = env.null_action()
-    assert null.dtype == ref.dtype and torch.equal(null, ref)
-
-
 def test_quads_hover_null_action_holds_a_drone():
     env = envs.make("quads-same-goal", n_agents=2, sensor_noise=False, thrust_noise=False)
     env.reset()
