@@ -6,6 +6,7 @@
 # normalisation, GAE, clipped surrogate and clipped value loss, entropy bonus, several epochs per
 # rollout. MIR3 fits CLUB on each fresh rollout and subtracts λ·Î from its rewards before GAE.
 # With --mi-coef 0 this is plain MAPPO.
+import copy
 import ctypes
 import json
 import math
@@ -62,6 +63,8 @@ class Args:
     """whether to save the checkpoint to `runs/{run_name}/{exp_name}.pt`"""
     save_interval: int = 0
     """also save every this many env steps (0: only at the end and on Ctrl-C)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint up to --total-timesteps, in its directory (README, "Resuming a run")"""
 
     # Environment
     env_id: str = "quads-same-goal"
@@ -459,14 +462,96 @@ def stop_on_signals() -> None:
         signal.signal(sig, stop)
 
 
+# --resume: besides the weights (with the running statistics of RunningNorm), a checkpoint's "continuation" holds
+# what a run needs to go on: optimiser states, RNG states, counters and the envs' episode counters, all as they
+# were after the last completed update (a rollout boundary: on-policy, there is no buffer to keep).
+MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim", "rnn", "norm_obs", "init_log_std",
+               "club_hidden_dim")
+CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts")
+
+
+def read_resume_checkpoint(path: str, script: str = "mir3_mappo") -> dict:
+    """The checkpoint of --resume, or one line and exit 2 if it cannot continue a run of ``script``."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing file, pickle, zip or weights-only errors
+        fail(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})")
+    found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found != script:
+        fail(f"--resume {path} is not a {script} checkpoint (script: {found!r}): resume it with its own script")
+    continuation = ckpt.get("continuation")
+    if not isinstance(continuation, dict) or any(k not in continuation for k in CONTINUATION_KEYS) \
+            or not isinstance(ckpt.get("args"), dict) or any(k not in ckpt["args"] for k in MODEL_FLAGS):
+        fail(f"--resume {path} holds no continuation state (saved before --resume existed?): it still loads for "
+             f"evaluation and attacks, but cannot be resumed")
+    return ckpt
+
+
+def resumed_args(path: str, ckpt: dict) -> Args:
+    """The flags of a resumed run: the checkpoint's, overridden by those on the command line, except the ones
+    that define the model and the env (MODEL_FLAGS): those must agree with the checkpoint."""
+    saved = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
+    args = tyro.cli(Args, default=Args(**{**saved, "resume": path}))  # parse again, with saved defaults
+    for name in MODEL_FLAGS:
+        if getattr(args, name) != saved[name]:
+            fail(f"--resume {path}: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]} (flags that define the model or the env come from the checkpoint)")
+    return args
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def rng_state(device) -> dict:
+    """The global RNG states: torch CPU, numpy, and CUDA when the run uses it (tensors and numbers only,
+    so that the checkpoint still loads with weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)}}
+
+
+def set_rng_state(state: dict, device) -> None:
+    """Restore ``rng_state``; the CUDA generator only where both runs use CUDA."""
+    torch.set_rng_state(state["torch"])
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                         saved["gauss"]))
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def episodes_started(env) -> torch.Tensor:
+    """[E] how many episodes each env has played a step of. Our own envs draw an episode's randomness from its
+    number, so a resumed run sets ``episode_count`` to this before ``reset()``: it plays new episodes, and
+    where every episode had just ended the very ones the uninterrupted run would have played."""
+    return (env.episode_count - (env.t == 0).long()).cpu()
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    resumed = None
+    if args.resume is not None:
+        resumed = read_resume_checkpoint(args.resume)
+        args = resumed_args(args.resume, resumed)
+        if resumed["global_step"] >= args.total_timesteps:
+            fail(f"--resume {args.resume} is already at global_step={resumed['global_step']} >= --total-timesteps "
+                 f"{args.total_timesteps}: raise --total-timesteps to continue it")
     keep_freed_memory()
     if args.mi_coef is None:
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF)
     check_args(args)
-    env_kwargs = env_kwargs_of(args, DEFAULT_ENV_KWARGS.get(args.env_id))
+    env_kwargs = env_kwargs_of(args, DEFAULT_ENV_KWARGS.get(args.env_id)) if resumed is None \
+        else resumed["env_kwargs"]
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
+    if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
+        run_dir = os.path.dirname(args.resume) or "."
+        run_name = os.path.basename(os.path.abspath(run_dir))
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -482,11 +567,22 @@ if __name__ == "__main__":
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
     N, discrete = env.n_agents, env.is_discrete
     A = env.n_actions  # number of discrete actions, or action dim
+    space = action_space_dict(env.action_space)
+    if resumed is not None:
+        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
+                           "action_space": space}.items():
+            if resumed[key] != value:  # the env's code changed since the checkpoint was written
+                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
+    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
+        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
     E, T = args.num_envs, args.num_steps
-    num_iterations = max(1, args.total_timesteps // (E * T))
+    # iterations already done + those that fit in the steps still to go (a fresh run: total // (E * T))
+    done_iterations = resumed["continuation"]["counters"]["iteration"] if resumed is not None else 0
+    start_step = resumed["global_step"] if resumed is not None else 0
+    num_iterations = done_iterations + max(1, (args.total_timesteps - start_step) // (E * T))
     ent_coef = args.ent_coef if args.ent_coef is not None else (0.01 if discrete else 0.0)
 
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: initialize agent here
@@ -497,7 +593,7 @@ if __name__ == "__main__":
     params = list(actor.parameters()) + list(critic.parameters())
     optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5)
     club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
-    space = action_space_dict(env.action_space)
+    optimizers = {"actor_critic": optimizer, "club": club_opt}
     greedy = Policy(actor, N, discrete, space.get("low"), space.get("high"))
     if not discrete:
         act_scale, act_bias = greedy.scale, greedy.bias
@@ -514,10 +610,18 @@ if __name__ == "__main__":
     done_buf = torch.zeros(T, E, dtype=torch.bool, device=device)
 
     def checkpoint() -> dict:
+        """The run's state after its last completed update (``iteration``), at a rollout boundary."""
         return {"script": "mir3_mappo", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
                 "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
                 "action_space": space, "global_step": global_step,
-                "models": {"actor": actor.state_dict(), "critic": critic.state_dict(), "club": club.state_dict()}}
+                "models": {"actor": actor.state_dict(), "critic": critic.state_dict(), "club": club.state_dict()},
+                "continuation": {  # what --resume needs; RunningNorm's statistics are in the models
+                    "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+                    "targets": {},  # (no target networks)
+                    "rng": rng_state(device),
+                    "counters": {"iteration": iteration, "last_save": last_save, "last_eval": last_eval},
+                    "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
+                    "recent_returns": recent_returns}}
 
     def stop_if_not_finite(losses: dict) -> None:
         """Stop the run (exit 1) with one line if a loss or a parameter is NaN or inf (checked on every
@@ -532,9 +636,11 @@ if __name__ == "__main__":
             sys.exit(1)
 
     def save() -> str:
+        """Write ``boundary``, the state after the last completed update: a stop during a rollout or an
+        update loses that iteration, and the checkpoint can be resumed exactly where it was taken."""
         stop_if_not_finite(losses)
-        path = f"runs/{run_name}/{args.exp_name}.pt"
-        torch.save(checkpoint(), path + ".tmp")
+        path = f"{run_dir}/{args.exp_name}.pt"
+        torch.save(boundary, path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
         return path
 
@@ -568,14 +674,36 @@ if __name__ == "__main__":
     print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
           f"{'Discrete' if discrete else 'Box'}({A}), λ = {args.mi_coef}, {num_iterations} iterations of "
           f"{E}x{T} steps, device {device}")
-    global_step, last_save, last_eval, last_print = 0, 0, 0, 0.0
+    global_step, iteration, last_save, last_eval, last_print = start_step, done_iterations, 0, 0, 0.0
     recent_returns, losses = [], {}
+    if resumed is not None:
+        try:
+            for name, net in (("actor", actor), ("critic", critic), ("club", club)):
+                net.load_state_dict(resumed["models"][name])
+            for name, opt in optimizers.items():
+                opt.load_state_dict(resumed["continuation"]["optimizers"][name])
+            counters = resumed["continuation"]["counters"]
+            last_save, last_eval = counters["last_save"], counters["last_eval"]
+            recent_returns = list(resumed["continuation"]["recent_returns"])
+            for batch_env, started in ((env, resumed["continuation"]["episode_counts"]["env"]),
+                                       (eval_env, resumed["continuation"]["episode_counts"]["eval_env"])):
+                n = min(batch_env.num_envs, len(started))  # envs beyond the saved ones start at episode 1
+                batch_env.episode_count[:n] = started[:n].to(batch_env.device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
+        for opt, lr in ((optimizer, args.learning_rate), (club_opt, args.club_lr)):
+            opt.param_groups[0]["lr"] = lr  # a learning rate given on the command line wins (--anneal-lr: its start)
+        print(f"resuming {args.resume} at global_step={global_step}, iteration {iteration + 1} of {num_iterations}: "
+              f"new episodes", flush=True)
     obs, state, avail = env.reset()
     hidden = actor.init_hidden(E, N, device)
+    if resumed is not None:
+        set_rng_state(resumed["continuation"]["rng"], device)  # last: building the nets drew from it
+    boundary = copy.deepcopy(checkpoint()) if args.save_model else None  # what a save writes (see save())
     start_time = time.time()
     stop_on_signals()
     try:
-        for iteration in range(1, num_iterations + 1):
+        for iteration in range(done_iterations + 1, num_iterations + 1):
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
             h0 = hidden.clone() if hidden is not None else None
@@ -681,7 +809,8 @@ if __name__ == "__main__":
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             for k, v in losses.items():
                 writer.add_scalar(k, v, global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
 
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or iteration == num_iterations):
                 last_eval = global_step
@@ -690,14 +819,17 @@ if __name__ == "__main__":
                 writer.add_scalar("eval/success_rate", success.float().mean().item(), global_step)
                 print(f"global_step={global_step} eval_return={eval_returns.mean().item():.2f} "
                       f"eval_success={success.float().mean().item():.2f}", flush=True)
+            if args.save_model:
+                due = args.save_interval and global_step - last_save >= args.save_interval
+                last_save = global_step if due else last_save
+                boundary = copy.deepcopy(checkpoint())  # a copy: the nets and optimisers change in place
+                if due:
+                    save()
             if time.time() - last_print > 10:
                 last_print = time.time()
                 ret = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"global_step={global_step} SPS={int(global_step / (time.time() - start_time))} "
+                print(f"global_step={global_step} SPS={int((global_step - start_step) / (time.time() - start_time))} "
                       f"updates={iteration} return={ret:.2f}", flush=True)
-            if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
-                last_save = global_step
-                save()
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
         ignore_stop_signals()
         signum = int(e.args[0]) if e.args else int(signal.SIGINT)
