@@ -19,6 +19,7 @@ import ctypes
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -756,6 +757,27 @@ def env_kwargs_of(args) -> dict:
     return {**env_kwargs, **extra}
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals() -> None:
+    """From now on Ctrl-C, SIGTERM and SIGUSR1 do nothing: nothing may interrupt the checkpoint save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGUSR1 (what cluster schedulers send before preemption) stop training as Ctrl-C does:
+    KeyboardInterrupt, whose handler saves the checkpoint. The first one disarms all three."""
+
+    def stop(signum, frame):
+        ignore_stop_signals()
+        raise KeyboardInterrupt(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     keep_freed_memory()
@@ -830,7 +852,30 @@ if __name__ == "__main__":
                 "obs_low": obs_low, "obs_high": obs_high, "action_space": space, "global_step": global_step,
                 "p_max": schedule.p_max, "models": models}
 
+    def stop_if_not_finite(losses: dict, weights: bool) -> None:
+        """Stop the run (exit 1) with one line if a logged loss (the estimators' too), or with ``weights`` a
+        parameter, is NaN or inf.
+
+        Called on the latest losses after the gradient steps of every finished episode (they are floats
+        already) and with the weights at log time and before every save, so a diverged run never
+        overwrites a good checkpoint (the attacker's score table is saved too, so it is checked with them).
+        """
+        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
+        if weights:
+            nets = {"agent": agent, "mixer": mixer}
+            if breaker is not None:
+                nets.update(obs_model=breaker.obs_model, action_model=breaker.act_model)
+            bad += [f"{name} weights" for name, net in nets.items()
+                    if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
+            if breaker is not None and not bool(torch.isfinite(breaker.scores).all()):
+                bad.append("attacker scores")
+        if bad:
+            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
+                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
+            sys.exit(1)
+
     def save() -> str:
+        stop_if_not_finite(metrics, weights=True)
         path = f"runs/{run_name}/{args.exp_name}.pt"
         torch.save(checkpoint(), path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
@@ -880,6 +925,7 @@ if __name__ == "__main__":
         plan = breaker.plan(args.num_envs, (0, 0), (0.0, 0.0))  # the first episodes fall in the warm-up
         attacked_episode = torch.zeros(args.num_envs, dtype=torch.bool, device=device)
     start_time = time.time()
+    stop_on_signals()
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: put action logic here
@@ -932,8 +978,10 @@ if __name__ == "__main__":
                         if updates % args.target_update_interval == 0:  # update the target network
                             target_agent.load_state_dict(agent.state_dict())
                             target_mixer.load_state_dict(mixer.state_dict())
+                    stop_if_not_finite(metrics, weights=False)
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
+                stop_if_not_finite(metrics, weights=True)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
@@ -965,13 +1013,17 @@ if __name__ == "__main__":
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
+        ignore_stop_signals()
+        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
         if args.save_model:
-            print(f"interrupted: checkpoint saved to {save()}", flush=True)
-        sys.exit(130)
+            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
+            print(f"checkpoint saved to {save()}", flush=True)
+        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
 
+    ignore_stop_signals()
     if args.save_model:
-        print(f"checkpoint saved to {save()}")
+        print(f"checkpoint saved to {save()}", flush=True)
     env.close()
     eval_env.close()
     writer.close()

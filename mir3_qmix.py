@@ -15,6 +15,7 @@ import ctypes
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -465,6 +466,27 @@ def env_kwargs_of(args) -> dict:
     return {**env_kwargs, **extra}
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals() -> None:
+    """From now on Ctrl-C, SIGTERM and SIGUSR1 do nothing: nothing may interrupt the checkpoint save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGUSR1 (what cluster schedulers send before preemption) stop training as Ctrl-C does:
+    KeyboardInterrupt, whose handler saves the checkpoint. The first one disarms all three."""
+
+    def stop(signum, frame):
+        ignore_stop_signals()
+        raise KeyboardInterrupt(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, stop)
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     keep_freed_memory()
@@ -538,7 +560,25 @@ if __name__ == "__main__":
                 "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(),
                            **({"club": club.state_dict()} if args.mi_coef > 0 else {})}}
 
+    def stop_if_not_finite(losses: dict, weights: bool) -> None:
+        """Stop the run (exit 1) with one line if a logged loss, or with ``weights`` a parameter, is NaN or inf.
+
+        Called on the latest losses after the gradient steps of every finished episode (they are floats
+        already) and with the weights at log time and before every save, so a diverged run never
+        overwrites a good checkpoint.
+        """
+        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
+        if weights:
+            nets = {"agent": agent, "mixer": mixer, **({"club": club} if args.mi_coef > 0 else {})}
+            bad += [f"{name} weights" for name, net in nets.items()
+                    if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
+        if bad:
+            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
+                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
+            sys.exit(1)
+
     def save() -> str:
+        stop_if_not_finite(metrics, weights=True)
         path = f"runs/{run_name}/{args.exp_name}.pt"
         torch.save(checkpoint(), path + ".tmp")
         os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
@@ -597,6 +637,7 @@ if __name__ == "__main__":
     obs, state, avail = env.reset()
     hidden = policy.init_hidden(args.num_envs)
     start_time = time.time()
+    stop_on_signals()
     try:
         while global_step < args.total_timesteps:
             # ALGO LOGIC: put action logic here
@@ -641,8 +682,10 @@ if __name__ == "__main__":
                         if updates % args.target_update_interval == 0:  # update the target network
                             target_agent.load_state_dict(agent.state_dict())
                             target_mixer.load_state_dict(mixer.state_dict())
+                    stop_if_not_finite(metrics, weights=False)
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
+                stop_if_not_finite(metrics, weights=True)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
@@ -665,13 +708,17 @@ if __name__ == "__main__":
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
+        ignore_stop_signals()
+        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
         if args.save_model:
-            print(f"interrupted: checkpoint saved to {save()}", flush=True)
-        sys.exit(130)
+            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
+            print(f"checkpoint saved to {save()}", flush=True)
+        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
 
+    ignore_stop_signals()
     if args.save_model:
-        print(f"checkpoint saved to {save()}")
+        print(f"checkpoint saved to {save()}", flush=True)
     env.close()
     eval_env.close()
     writer.close()

@@ -1,12 +1,15 @@
 """ibal_qmix.py: the MI estimators find the interaction channels, the action attack anti-coordinates,
-the P_max curriculum, K = 0 is exactly QMIX, smoke runs, checkpoints, attack_worstcase, determinism, bad input."""
+the P_max curriculum, K = 0 is exactly QMIX, smoke runs, checkpoints, attack_worstcase, determinism, bad input,
+stop signals, divergence."""
 
 import copy
 import dataclasses
 import functools
 import json
 import math
+import os
 import re
+import signal
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ import envs
 import helpers
 import ibal_qmix
 from ibal_qmix import AttackSchedule, InteractionBreaker, load_policy
+from test_mi_penalty import TESTS
+from test_mir3_qmix import check_diverged, check_first_stop_signal_disarms_the_next, start, stop_with
 
 run_script = functools.partial(helpers.run_script, "ibal_qmix")
 checkpoint_of = functools.partial(helpers.checkpoint_of, exp_name="ibal_qmix")
@@ -483,3 +488,65 @@ def test_ibal_learns_small_lbf_task_under_attack(tmp_path):
     natural, attacked = float(natural), float(attacked)
     assert int(step) == 20000 and (natural + attacked) / 2 > baseline + 0.15, (baseline, proc.stdout)
     assert natural > baseline and attacked > baseline, (baseline, proc.stdout)
+
+
+# ---------------------------------------------------------------- stop signals and divergence
+
+def test_sigterm_saves_the_checkpoint(tmp_path):
+    """A scheduler's SIGTERM saves the checkpoint (defender and attacker) as Ctrl-C does, exit 143; a Ctrl-C and
+    a SIGTERM during the save are ignored."""
+    proc = start(tmp_path, "ibal_qmix", *RENDEZVOUS, "--total-timesteps", "100000000", "--num-envs", "4",
+                 "--batch-size", "2", "--eval-interval", "0", "--hidden-dim", "16", "--buffer-size", "2000",
+                 "--obs-model-hidden-dim", "16", "--act-model-hidden-dim", "16", "--estimator-batch-size", "32")
+    rest, stderr = stop_with(proc, signal.SIGTERM)
+    assert proc.returncode == 143, (proc.returncode, rest, stderr)
+    assert "Traceback" not in stderr
+    assert any(line.startswith("interrupted by SIGTERM: saving, please wait") for line in rest), rest
+    assert any(line.startswith("checkpoint saved to ") for line in rest), rest
+    ckpt = checkpoint_of(tmp_path)
+    assert set(ckpt["models"]) == {"agent", "mixer", "attacker"}
+    load_policy(ckpt)
+
+
+def test_first_stop_signal_disarms_the_next():
+    check_first_stop_signal_disarms_the_next(ibal_qmix.stop_on_signals)
+
+
+# the context game of test_mi_penalty with observations that turn inf: they reach the estimators too
+INF_OBS = """import runpy, sys
+sys.path.insert(0, {tests!r})
+import torch
+import envs
+from test_mi_penalty import ContextGame
+
+class InfObsGame(ContextGame):
+    def __init__(self, inf_obs_after=0, **kwargs):
+        self.inf_obs_after = inf_obs_after
+        super().__init__(**kwargs)
+
+    def _observe(self):
+        obs, state, avail = super()._observe()
+        if self.steps > self.inf_obs_after:
+            obs = torch.full_like(obs, float("inf"))
+        return obs, state, avail
+
+envs.register("context-inf-obs", InfObsGame)
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_divergence_names_the_estimator_losses_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Observations turn inf after 40 steps of the batch (320 env steps): at the gradient steps of the episodes
+    that end at 384 the TD loss and the observation estimator's loss are NaN. One line names the step and both,
+    exit 1, and the checkpoint of --save-interval stays the last finite one (200)."""
+    wrapper = tmp_path / "inf_obs.py"
+    wrapper.write_text(INF_OBS.format(tests=TESTS, script=os.path.join(helpers.ROOT, "ibal_qmix.py")))
+    proc = helpers.run_script(wrapper, tmp_path, "--env-id", "context-inf-obs", "--env-kwargs", '{"inf_obs_after": 40}',
+                              "--num-envs", "8", "--batch-size", "8", "--total-timesteps", "2048", "--hidden-dim", "16",
+                              "--obs-model-hidden-dim", "16", "--act-model-hidden-dim", "16",
+                              "--estimator-batch-size", "32", "--eval-interval", "0", "--save-interval", "200",
+                              check=False)
+    ckpt = checkpoint_of(tmp_path)
+    check_diverged(proc, 384, ["losses/td_loss", "ibal/obs_model_loss"], ckpt, 200)
+    assert set(ckpt["models"]) == {"agent", "mixer", "attacker"}
+    load_policy(ckpt)

@@ -1,4 +1,5 @@
-"""mir3_qmix.py: the QMIX two-step game, learning on LBF, smoke runs, checkpoints, determinism, bad input."""
+"""mir3_qmix.py: the QMIX two-step game, learning on LBF, smoke runs, checkpoints, determinism, bad input,
+stop signals, divergence."""
 
 import functools
 import glob
@@ -6,6 +7,9 @@ import inspect
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -16,6 +20,7 @@ import helpers
 import ibal_qmix
 import mir3_qmix
 from mir3_qmix import QMixer, lambda_returns, load_policy, shaped_rewards
+from test_mi_penalty import run_on_context
 
 SCRIPT = os.path.join(helpers.ROOT, "mir3_qmix.py")
 TINY = ["--total-timesteps", "480", "--num-envs", "4", "--batch-size", "2", "--eval-interval", "240",
@@ -248,3 +253,102 @@ def test_lambda_returns_match_closed_forms():
     g3 = 1 + g * 8.0
     assert torch.allclose(lambda_returns(reward, terminated, q_next, mask, g, lam)[1, 2],
                           torch.tensor(1 + g * ((1 - lam) * 7.0 + lam * g3)))
+
+
+# ---------------------------------------------------------------- stop signals and divergence
+
+def start(cwd, script, *args):
+    """Start a long training run of repo script ``script`` in the background; returns the process once it
+    printed its first progress line."""
+    os.makedirs(cwd, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(helpers.ROOT, f"{script}.py"), *args], cwd=cwd,
+                            env=dict(os.environ, PYTHONPATH=helpers.ROOT, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("global_step="):
+            return proc
+    raise AssertionError(f"no progress line: {proc.stderr.read()}")
+
+
+# a run far longer than any test: only a signal ends it
+LONG = ["--env-id", "rendezvous-discrete", "--n-agents", "3", "--episode-limit", "20", "--total-timesteps", "100000000",
+        "--num-envs", "4", "--batch-size", "2", "--eval-interval", "0", "--hidden-dim", "16", "--club-hidden-dim", "16",
+        "--buffer-size", "2000"]
+
+
+def stop_with(proc, sig) -> tuple:
+    """Send ``sig`` to a run from ``start``, then Ctrl-C and SIGTERM as soon as it says it is saving (both must
+    be ignored); returns (the stdout lines after the signal, stderr) once it exited."""
+    proc.send_signal(sig)
+    rest = []
+    for line in proc.stdout:
+        rest.append(line)
+        if "saving, please wait" in line:
+            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    return rest, proc.stderr.read()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_sigterm_and_sigusr1_save_the_checkpoint(tmp_path, sig):
+    """A scheduler's SIGTERM / SIGUSR1 saves the checkpoint as Ctrl-C does and exits 128 + the signal number."""
+    proc = start(tmp_path, "mir3_qmix", *LONG)
+    rest, stderr = stop_with(proc, sig)
+    assert proc.returncode == 128 + sig, (proc.returncode, rest, stderr)
+    assert "Traceback" not in stderr
+    assert any(line.startswith(f"interrupted by {sig.name}: saving, please wait") for line in rest), rest
+    assert any(line.startswith("checkpoint saved to ") for line in rest), rest
+    load_policy(checkpoint_of(tmp_path))
+    assert not glob.glob(os.path.join(tmp_path, "runs", "*", "*.tmp"))
+
+
+def check_first_stop_signal_disarms_the_next(stop_on_signals):
+    """The handler raises KeyboardInterrupt once and ignores Ctrl-C / SIGTERM / SIGUSR1 from then on."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop_on_signals()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between two bytecodes
+                pass
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in saved)
+        os.kill(os.getpid(), signal.SIGINT)  # ignored: no KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_first_stop_signal_disarms_the_next():
+    check_first_stop_signal_disarms_the_next(mir3_qmix.stop_on_signals)
+
+
+def check_diverged(proc, step: int, names, ckpt, saved_step: int):
+    """One ``error:`` line naming ``step`` and every loss in ``names``, exit 1, and ``ckpt`` (from
+    --save-interval) the last finite one, of ``saved_step``."""
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: training diverged at global_step={step}: "), proc.stderr
+    for name in names:
+        assert f"{name} = nan" in lines[0], lines[0]
+    assert ckpt["global_step"] == saved_step
+
+    def tensors(tree):  # ibal_qmix nests its attacker's state dicts
+        return [t for v in tree.values() for t in (tensors(v) if isinstance(v, dict) else [v])]
+
+    assert all(torch.isfinite(t).all() for t in tensors(ckpt["models"]))
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Rewards turn inf after 40 steps of the batch (320 env steps, in the episodes that end at 384): the run
+    stops there with one line naming the step and the TD loss, exit 1, and the checkpoint of --save-interval
+    stays the last finite one (200; the next save, at 400, would have caught it too late)."""
+    proc = run_on_context("mir3_qmix", tmp_path, "--env-id", "context", "--env-kwargs", '{"inf_after": 40}',
+                          "--num-envs", "8", "--batch-size", "8", "--total-timesteps", "2048", "--hidden-dim", "16",
+                          "--club-hidden-dim", "16", "--club-batch-size", "32", "--eval-interval", "0",
+                          "--save-interval", "200", check=False)
+    ckpt = checkpoint_of(tmp_path)
+    check_diverged(proc, 384, ["losses/td_loss"], ckpt, 200)
+    assert set(ckpt["models"]) == {"agent", "mixer", "club"}
+    load_policy(ckpt)
