@@ -710,8 +710,22 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_writable(directory: str) -> None:
+    """Create the run directory and write a probe file in it: a long run must not end unable to save."""
+    probe = os.path.join(directory, ".write-probe")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        fail(f"the run directory {directory!r} is not writable ({e.strerror or e})")
+
+
 def check_args(args: Args) -> None:
     """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
+        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
     for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "mixer_embed_dim",
                  "hypernet_dim", "eval_episodes", "target_update_interval", "estimator_batch_size", "estimator_window",
                  "success_window", "obs_model_hidden_dim", "act_model_hidden_dim", "attack_fit_steps"):
@@ -810,6 +824,7 @@ if __name__ == "__main__":
     if args.mask_dims is not None and not 0 <= args.mask_dims <= env.obs_dim:
         fail(f"--mask-dims must lie in [0, {env.obs_dim}] (the observation size), got {args.mask_dims}")
 
+    check_writable(f"runs/{run_name}")
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -877,8 +892,14 @@ if __name__ == "__main__":
     def save() -> str:
         stop_if_not_finite(metrics, weights=True)
         path = f"runs/{run_name}/{args.exp_name}.pt"
-        torch.save(checkpoint(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        try:
+            torch.save(checkpoint(), path + ".tmp")
+            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        except OSError as e:  # e.g. a full disk: say why and leave no half-written file behind
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
+            sys.exit(1)
         return path
 
     def update(batch) -> dict:

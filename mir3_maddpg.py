@@ -412,8 +412,22 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_writable(directory: str) -> None:
+    """Create the run directory and write a probe file in it: a long run must not end unable to save."""
+    probe = os.path.join(directory, ".write-probe")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        fail(f"the run directory {directory!r} is not writable ({e.strerror or e})")
+
+
 def check_args(args: Args) -> None:
     """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
+        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
     for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
                  "policy_frequency", "club_hidden_dim", "club_batch_size", "club_window"):
         if getattr(args, name) < 1:
@@ -591,6 +605,7 @@ if __name__ == "__main__":
     if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
         os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
 
+    check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -655,8 +670,14 @@ if __name__ == "__main__":
     def save() -> str:
         stop_if_not_finite(metrics, weights=True)
         path = f"{run_dir}/{args.exp_name}.pt"
-        torch.save(checkpoint(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        try:
+            torch.save(checkpoint(), path + ".tmp")
+            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        except OSError as e:  # e.g. a full disk: say why and leave no half-written file behind
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
+            sys.exit(1)
         return path
 
     def explore(out, avail):

@@ -396,8 +396,22 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_writable(directory: str) -> None:
+    """Create the run directory and write a probe file in it: a long run must not end unable to save."""
+    probe = os.path.join(directory, ".write-probe")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        fail(f"the run directory {directory!r} is not writable ({e.strerror or e})")
+
+
 def check_args(args: Args) -> None:
     """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
+        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
     for name in ("num_envs", "num_steps", "total_timesteps", "num_minibatches", "update_epochs", "hidden_dim",
                  "club_hidden_dim", "club_batch_size", "club_steps", "eval_episodes"):
         if getattr(args, name) < 1:
@@ -582,6 +596,7 @@ if __name__ == "__main__":
     num_iterations = done_iterations + max(1, (args.total_timesteps - start_step) // (E * T))
     ent_coef = args.ent_coef if args.ent_coef is not None else (0.01 if discrete else 0.0)
 
+    check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
@@ -640,8 +655,14 @@ if __name__ == "__main__":
         update loses that iteration, and the checkpoint can be resumed exactly where it was taken."""
         stop_if_not_finite(losses)
         path = f"{run_dir}/{args.exp_name}.pt"
-        torch.save(boundary, path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        try:
+            torch.save(boundary, path + ".tmp")
+            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+        except OSError as e:  # e.g. a full disk: say why and leave no half-written file behind
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
+            sys.exit(1)
         return path
 
     def distribution(out, avail):
