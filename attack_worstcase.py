@@ -432,6 +432,14 @@ class Adversary:
         return self.to_env(self.actor.greedy(*self.inputs(obs, avail)))
 
 
+def nothing_actions(null: torch.Tensor, env_id: str, avail: torch.Tensor, num_envs: int) -> torch.Tensor:
+    """Every agent's 'do nothing' [E, N] or [E, N, d]: the env's ``null_action()`` (``null``), except on SMAC,
+    where the no-op is for dead units only and a live one stops (action 1) when it can."""
+    if env_id.startswith("smac:"):
+        return avail[..., 1].long()
+    return null.expand(num_envs, *null.shape)
+
+
 class ScriptedAdversary:
     """A fixed behaviour of the adversary agents, to check that the trained adversary is at least as
     damaging: "stop" (the env's do-nothing action; SMAC: stop) or "flee" (rendezvous: drive away
@@ -440,17 +448,17 @@ class ScriptedAdversary:
     KINDS = ("stop", "flee")
 
     def __init__(self, kind: str, idx: List[int], env, env_id: str):
-        self.kind, self.idx, self.env, self.smac = kind, torch.as_tensor(idx, device=env.device), env, env_id.startswith("smac:")
+        self.kind, self.idx, self.env, self.env_id = kind, torch.as_tensor(idx, device=env.device), env, env_id
+        self.null = env.null_action()
+        if kind == "flee":
+            from envs.rendezvous import scripted_actions
+
+            self.flee = scripted_actions
 
     def act(self, obs, avail, state=None):
         if self.kind == "flee":
-            from envs.rendezvous import scripted_actions
-
-            return scripted_actions(self.env, flee=True)[:, self.idx]
-        if self.smac:  # no-op is for dead units only
-            return avail[:, self.idx, 1].long()
-        nothing = self.env.null_action()[self.idx]
-        return nothing.expand(obs.shape[0], *nothing.shape)
+            return self.flee(self.env, flee=True)[:, self.idx]
+        return nothing_actions(self.null, self.env_id, avail, obs.shape[0])[:, self.idx]
 
 
 class RandomAdversary:
@@ -508,11 +516,8 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
         if adversary is not None:
             actions[:, adv_idx] = adversary.act(obs, avail, state).to(actions.dtype)
         if disabled is not None:
-            nothing = null.expand_as(actions)
-            if env_id.startswith("smac:"):  # prefer 'stop' (1) when available, else no-op (0)
-                nothing = avail[..., 1].long()
             mask = disabled if env.is_discrete else disabled.unsqueeze(-1)
-            actions = torch.where(mask, nothing, actions)
+            actions = torch.where(mask, nothing_actions(null, env_id, avail, E), actions)
         if repeat_p and prev is not None:
             repeat = (torch.rand(E, N, generator=g) < repeat_p).to(dev)
             if env.is_discrete:  # never repeat an action that is no longer available
