@@ -243,7 +243,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     work = unit_dir(spec, method, seed)
     os.makedirs(work, exist_ok=True)
 
-    cmd = cmd_train = train_command(spec, method, seed)
+    train_cmd = train_command(spec, method, seed)
     log = os.path.join(work, "train.log")
     done = parse_training_log(open(log).read()) if os.path.isfile(log) else {"checkpoint": None}
     meta_path = os.path.join(work, "train.json")
@@ -252,13 +252,13 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
             train = json.load(f)
         say(f"[{method} seed {seed}] training reused: {done['checkpoint']}")
     else:
-        say(f"[{method} seed {seed}] train: {quote(cmd)}")
-        code, seconds = run_logged(cmd, log, threads)
+        say(f"[{method} seed {seed}] train: {quote(train_cmd)}")
+        code, seconds = run_logged(train_cmd, log, threads)
         done = parse_training_log(open(log).read())
         if code != 0 or not done["checkpoint"]:
             say(f"[{method} seed {seed}] training failed (exit {code}); see {log}")
             return False
-        train = {"command": quote(cmd), "checkpoint": done["checkpoint"], "wall_s": round(seconds, 1),
+        train = {"command": quote(train_cmd), "checkpoint": done["checkpoint"], "wall_s": round(seconds, 1),
                  "evals": done["evals"]}
         with open(meta_path, "w") as f:
             json.dump(train, f)
@@ -287,7 +287,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     evals = train["evals"]
     result = {"experiment": spec["name"], "method": method, "seed": seed,
               "script": spec["methods"][method]["script"], "flags": spec["methods"][method]["flags"],
-              "train": {"command": train["command"], "key": key(cmd_train), "wall_s": train["wall_s"],
+              "train": {"command": train["command"], "key": key(train_cmd), "wall_s": train["wall_s"],
                         "final_step": evals[-1][0] if evals else None,
                         "final_eval_return": evals[-1][1] if evals else None,
                         "final_eval_success": evals[-1][2] if evals else None, "evals": evals},
