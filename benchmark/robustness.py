@@ -208,6 +208,15 @@ CHILDREN = set()  # running commands, stopped with SIGTERM (they save a checkpoi
 STOP = threading.Event()  # set once interrupted: start no new command
 
 
+def ran(log: str, cmd: list) -> bool:
+    """Whether ``log`` is the output of exactly ``cmd`` (its first line), not of an older version of the experiment."""
+    try:
+        with open(log) as f:
+            return f.readline().rstrip("\n") == f"$ {quote(cmd)}"
+    except OSError:
+        return False
+
+
 def run_logged(cmd: list, log: str, threads: int) -> tuple:
     """Run cmd in the repo root with its output in ``log``; returns (exit code, seconds)."""
     if STOP.is_set():
@@ -228,9 +237,15 @@ def run_logged(cmd: list, log: str, threads: int) -> tuple:
 def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_only=False) -> bool:
     """Train and attack one (method, seed); write its result JSON. False if a command failed."""
     out = result_path(spec, method, seed)
+    train_cmd = train_command(spec, method, seed)
+    attack_cmds = [attack_command(spec, "", seed, a, i == 0, "") for i, a in enumerate(spec["attack"]["adversaries"])]
     if os.path.isfile(out):
-        say(f"[{method} seed {seed}] done already: {out}")
-        return True
+        with open(out) as f:
+            old = json.load(f)
+        if old["train"].get("key") == key(train_cmd) and [a.get("key") for a in old["attacks"]] == list(map(key, attack_cmds)):
+            say(f"[{method} seed {seed}] done already: {out}")
+            return True
+        say(f"[{method} seed {seed}] {out} was made with other commands than the experiment's now: redoing what changed")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     found = borrow(spec, method, seed)
     if found:  # e.g. the λ = 0 runs of a λ sweep are the baseline runs of the main experiment
@@ -243,9 +258,8 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     work = unit_dir(spec, method, seed)
     os.makedirs(work, exist_ok=True)
 
-    train_cmd = train_command(spec, method, seed)
     log = os.path.join(work, "train.log")
-    done = parse_training_log(open(log).read()) if os.path.isfile(log) else {"checkpoint": None}
+    done = parse_training_log(open(log).read()) if ran(log, train_cmd) else {"checkpoint": None}
     meta_path = os.path.join(work, "train.json")
     if done["checkpoint"] and os.path.isfile(done["checkpoint"]) and os.path.isfile(meta_path):
         with open(meta_path) as f:
@@ -269,7 +283,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     for i, adversaries in enumerate(spec["attack"]["adversaries"]):
         report = os.path.join(work, f"attack_{adv_tag(adversaries)}.json")
         cmd = attack_command(spec, train["checkpoint"], seed, adversaries, i == 0, report)
-        if os.path.isfile(report) and os.path.isfile(report + ".wall"):
+        if os.path.isfile(report) and os.path.isfile(report + ".wall") and ran(os.path.splitext(report)[0] + ".log", cmd):
             say(f"[{method} seed {seed}] attack {adversaries} reused")
             seconds = float(open(report + ".wall").read())
         else:
@@ -375,11 +389,16 @@ def run_scores(result: dict, adversary_sets: list) -> dict:
     def per_adversary(name):  # conditions that depend on who the adversaries are
         return name in ("random", "worstcase") or name.startswith("scripted_")
 
+    def strongest(c):  # the most damaging adversary found on these agents: trained or scripted
+        return min(c[n]["return_mean"] for n in c if n == "worstcase" or n.startswith("scripted_"))
+
     scores = {name: c["return_mean"] for name, c in attacks[0]["report"]["conditions"].items() if not per_adversary(name)}
     for k in sorted({len(a["adversaries"]) for a in attacks}):
         group = [a["report"]["conditions"] for a in attacks if len(a["adversaries"]) == k]
         for name in [n for n in group[0] if per_adversary(n)]:
             scores[f"{name}_k{k}"] = float(np.mean([c[name]["return_mean"] for c in group if name in c]))
+        if any(n.startswith("scripted_") for n in group[0]):
+            scores[f"strongest_k{k}"] = float(np.mean([strongest(c) for c in group]))
     return scores
 
 
@@ -401,7 +420,7 @@ def aggregate(spec: dict) -> dict:
         cost["attack_s"] += sum(a["wall_s"] for a in result["attacks"])
     base = spec["baseline"]
     found = list(scores.get(base, next(iter(scores.values()), {})))
-    first = ["natural"] + [c for prefix in ("worstcase_k", "scripted_", "random_k") for c in sorted(found)
+    first = ["natural"] + [c for prefix in ("strongest_k", "worstcase_k", "scripted_", "random_k") for c in sorted(found)
                            if c.startswith(prefix)]
     conditions = [c for c in first if c in found] + [c for c in found if c not in first]
     table = {}

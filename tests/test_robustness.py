@@ -83,7 +83,8 @@ def test_bootstrap_hand_computed():
 def fake_result(method, seed, natural, worst):
     def report(adv, worstcase):
         conds = {"natural": {"return_mean": natural}, "random": {"return_mean": natural - 1},
-                 "worstcase": {"return_mean": worstcase}, "scripted_flee": {"return_mean": worstcase + 1}}
+                 "worstcase": {"return_mean": worstcase},  # flee: weaker than the trained adversary on [0] only
+                 "scripted_flee": {"return_mean": worstcase + (1 if adv == [0] else -2)}}
         if adv == [0]:
             conds["dis_1"] = {"return_mean": natural - 2}
         return {"conditions": conds}
@@ -106,12 +107,14 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
         with open(f"results/tiny/{m}__{s}.json", "w") as f:
             json.dump(fake_result(m, s, nat, worst), f)
     summary = robustness.aggregate(spec)
-    assert summary["conditions"] == ["natural", "worstcase_k1", "worstcase_k2", "scripted_flee_k1", "scripted_flee_k2",
-                                     "random_k1", "random_k2", "dis_1"]
+    assert summary["conditions"] == ["natural", "strongest_k1", "strongest_k2", "worstcase_k1", "worstcase_k2",
+                                     "scripted_flee_k1", "scripted_flee_k2", "random_k1", "random_k2", "dis_1"]
     plain, mir3 = summary["methods"]["plain"], summary["methods"]["mir3"]
     assert plain["worstcase_k1"]["runs"] == [-21.0, -25.0]  # mean over adversaries [0] and [1]; [5] ignored
     assert plain["worstcase_k2"]["runs"] == [-30.0, -40.0]
-    assert plain["scripted_flee_k1"]["runs"] == [-20.0, -24.0]
+    assert plain["scripted_flee_k1"]["runs"] == [-21.5, -25.5]
+    # the stronger of trained and scripted per adversary set, then the mean: seed 1 (-20, -24), seed 2 (-24, -28)
+    assert plain["strongest_k1"]["runs"] == [-22.0, -26.0] and plain["strongest_k2"]["runs"] == [-32.0, -42.0]
     assert plain["natural"]["mean"] == pytest.approx(-11.0)
     assert plain["worstcase_k1"]["drop"]["mean"] == pytest.approx((11.0 + 13.0) / 2)
     assert mir3["worstcase_k1"]["p_improvement"] == pytest.approx(1.0)
@@ -183,6 +186,14 @@ def test_plan_run_resume(tmp_path):
         assert robustness.borrow(robustness.load_spec("tiny.toml"), "mir3", 1) is None  # never from itself
     finally:
         os.chdir(cwd)
+
+    # the experiment's attack changed after the unit ran: the training is reused, every attack is redone
+    (tmp_path / "tiny.toml").write_text(TINY.replace('"--eval-episodes", "3"', '"--eval-episodes", "4"'))
+    proc = runner(tmp_path, "run", "tiny.toml", "--index", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "made with other commands" in proc.stdout and "training reused" in proc.stdout and "reused\n" not in proc.stdout
+    redone = json.load(open(tmp_path / "results" / "tiny" / "mir3__1.json"))
+    assert all(len(c["returns"]) == 4 for a in redone["attacks"] for c in a["report"]["conditions"].values())
 
 
 def test_slurm_script(tmp_path):
