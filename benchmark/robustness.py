@@ -234,17 +234,28 @@ def run_logged(cmd: list, log: str, threads: int) -> tuple:
     return code, time.time() - start
 
 
+def result_state(spec: dict, method: str, seed: int) -> str:
+    """"done" if the unit's result JSON holds exactly the experiment's commands, "stale" if it holds others
+    (the spec changed since), "missing" if there is none."""
+    path = result_path(spec, method, seed)
+    if not os.path.isfile(path):
+        return "missing"
+    with open(path) as f:
+        result = json.load(f)
+    attacks = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
+    current = result["train"].get("key") == key(train_command(spec, method, seed)) \
+        and [a.get("key") for a in result["attacks"]] == attacks
+    return "done" if current else "stale"
+
+
 def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_only=False) -> bool:
     """Train and attack one (method, seed); write its result JSON. False if a command failed."""
     out = result_path(spec, method, seed)
-    train_cmd = train_command(spec, method, seed)
-    attack_cmds = [attack_command(spec, "", seed, a, i == 0, "") for i, a in enumerate(spec["attack"]["adversaries"])]
-    if os.path.isfile(out):
-        with open(out) as f:
-            old = json.load(f)
-        if old["train"].get("key") == key(train_cmd) and [a.get("key") for a in old["attacks"]] == list(map(key, attack_cmds)):
-            say(f"[{method} seed {seed}] done already: {out}")
-            return True
+    state = result_state(spec, method, seed)
+    if state == "done":
+        say(f"[{method} seed {seed}] done already: {out}")
+        return True
+    if state == "stale":
         say(f"[{method} seed {seed}] {out} was made with other commands than the experiment's now: redoing what changed")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     found = borrow(spec, method, seed)
@@ -258,6 +269,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     work = unit_dir(spec, method, seed)
     os.makedirs(work, exist_ok=True)
 
+    train_cmd = train_command(spec, method, seed)
     log = os.path.join(work, "train.log")
     done = parse_training_log(open(log).read()) if ran(log, train_cmd) else {"checkpoint": None}
     meta_path = os.path.join(work, "train.json")
@@ -536,7 +548,7 @@ def cmd_aggregate(spec: dict, make_plot: bool = True) -> int:
 def cmd_plan(spec: dict) -> int:
     for i, (method, seed) in enumerate(units(spec)):
         work = unit_dir(spec, method, seed)
-        done = " (done)" if os.path.isfile(result_path(spec, method, seed)) else ""
+        done = {"done": " (done)", "stale": " (stale: made with other commands)", "missing": ""}[result_state(spec, method, seed)]
         print(f"# unit {i}: {method}, seed {seed}{done}")
         print(quote(train_command(spec, method, seed)))
         for j, adversaries in enumerate(spec["attack"]["adversaries"]):

@@ -189,6 +189,7 @@ def test_plan_run_resume(tmp_path):
 
     # the experiment's attack changed after the unit ran: the training is reused, every attack is redone
     (tmp_path / "tiny.toml").write_text(TINY.replace('"--eval-episodes", "3"', '"--eval-episodes", "4"'))
+    assert "# unit 1: mir3, seed 1 (stale: made with other commands)" in runner(tmp_path, "plan", "tiny.toml").stdout
     proc = runner(tmp_path, "run", "tiny.toml", "--index", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "made with other commands" in proc.stdout and "training reused" in proc.stdout and "reused\n" not in proc.stdout
