@@ -45,7 +45,7 @@ class Args:
     save_interval: int = 0
     """also save every this many env steps (0: only at the end and on Ctrl-C)"""
     resume: Optional[str] = None
-    """continue the run of this checkpoint up to --total-timesteps, in its directory (README, "Resuming a run")"""
+    """continue the run of this checkpoint up to --total-timesteps, in its directory (README, "Runs that survive a cluster")"""
 
     # Environment
     env_id: str = "rendezvous"

@@ -55,6 +55,8 @@ class Args:
     """whether to save the checkpoint to `runs/{run_name}/{exp_name}.pt`"""
     save_interval: int = 0
     """also save every this many env steps (0: only at the end and on Ctrl-C)"""
+    resume: Optional[str] = None
+    """continue the run of this checkpoint up to --total-timesteps, in its directory (README, "Runs that survive a cluster")"""
 
     # Environment
     env_id: str = "lbf:Foraging-8x8-2p-2f-coop-v3"
@@ -501,15 +503,97 @@ def stop_on_signals() -> None:
         signal.signal(sig, stop)
 
 
+# --resume: besides the weights, a checkpoint's "continuation" holds what a run needs to go on: optimiser and
+# target-network states, RNG states, counters, the envs' episode counters and the reward statistics. Not the
+# replay buffer: a resumed run refills it with --learning-starts fresh env steps (and at least --batch-size
+# episodes) before it learns again.
+MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim", "mixer_embed_dim", "hypernet_dim",
+               "club_hidden_dim")
+CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts", "norms")
+
+
+def read_resume_checkpoint(path: str, script: str = "mir3_qmix") -> dict:
+    """The checkpoint of --resume, or one line and exit 2 if it cannot continue a run of ``script``."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing file, pickle, zip or weights-only errors
+        fail(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})")
+    found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
+    if found != script:
+        fail(f"--resume {path} is not a {script} checkpoint (script: {found!r}): resume it with its own script")
+    continuation = ckpt.get("continuation")
+    if not isinstance(continuation, dict) or any(k not in continuation for k in CONTINUATION_KEYS) \
+            or not isinstance(ckpt.get("args"), dict) or any(k not in ckpt["args"] for k in MODEL_FLAGS):
+        fail(f"--resume {path} holds no continuation state (saved before --resume existed?): it still loads for "
+             f"evaluation and attacks, but cannot be resumed")
+    return ckpt
+
+
+def resumed_args(path: str, ckpt: dict) -> Args:
+    """The flags of a resumed run: the checkpoint's, overridden by those on the command line, except the ones
+    that define the model and the env (MODEL_FLAGS): those must agree with the checkpoint."""
+    saved = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
+    args = tyro.cli(Args, default=Args(**{**saved, "resume": path}))  # parse again, with saved defaults
+    for name in MODEL_FLAGS:
+        if getattr(args, name) != saved[name]:
+            fail(f"--resume {path}: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
+                 f"{saved[name]} (flags that define the model or the env come from the checkpoint)")
+    return args
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def rng_state(device) -> dict:
+    """The global RNG states: torch CPU, numpy, and CUDA when the run uses it (tensors and numbers only,
+    so that the checkpoint still loads with weights_only=True)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)}}
+
+
+def set_rng_state(state: dict, device) -> None:
+    """Restore ``rng_state``; the CUDA generator only where both runs use CUDA."""
+    torch.set_rng_state(state["torch"])
+    saved = state["numpy"]
+    np.random.set_state(("MT19937", saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+                         saved["gauss"]))
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def episodes_started(env) -> torch.Tensor:
+    """[E] how many episodes each env has played a step of. Our own envs draw an episode's randomness from its
+    number, so a resumed run sets ``episode_count`` to this before ``reset()``: it plays new episodes, and
+    where every episode had just ended the very ones the uninterrupted run would have played."""
+    return (env.episode_count - (env.t == 0).long()).cpu()
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    resumed = None
+    if args.resume is not None:
+        resumed = read_resume_checkpoint(args.resume)
+        args = resumed_args(args.resume, resumed)
+        if resumed["global_step"] >= args.total_timesteps:
+            fail(f"--resume {args.resume} is already at global_step={resumed['global_step']} >= --total-timesteps "
+                 f"{args.total_timesteps}: raise --total-timesteps to continue it")
     keep_freed_memory()
     if args.mi_coef is None:
         family = args.env_id.partition(":")[0] + ":"
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, DEFAULT_MI_COEF.get(family, FALLBACK_MI_COEF))
     check_args(args)
-    env_kwargs = env_kwargs_of(args)
+    env_kwargs = env_kwargs_of(args) if resumed is None else resumed["env_kwargs"]
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = f"runs/{run_name}"
+    if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
+        run_dir = os.path.dirname(args.resume) or "."
+        run_name = os.path.basename(os.path.abspath(run_dir))
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -527,9 +611,16 @@ if __name__ == "__main__":
     except (ValueError, ImportError) as e:
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
     N, T, A = env.n_agents, env.episode_limit, env.n_actions
+    if resumed is not None:
+        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
+                           "action_space": action_space_dict(env.action_space)}.items():
+            if resumed[key] != value:  # the env's code changed since the checkpoint was written
+                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
+    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
+        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
 
-    check_writable(f"runs/{run_name}")
-    writer = SummaryWriter(f"runs/{run_name}")
+    check_writable(run_dir)
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: initialize agent here
@@ -566,6 +657,8 @@ if __name__ == "__main__":
     state_bounds = obs_low is not None and env.state_dim == N * env.obs_dim
     state_center, state_half = unit_box(obs_low * N if state_bounds else None,
                                         obs_high * N if state_bounds else None, device)
+    optimizers = {"qmix": optimizer, **({"club": club_opt} if args.mi_coef > 0 else {})}
+    targets = {"agent": target_agent, "mixer": target_mixer}
 
     def checkpoint() -> dict:
         return {"script": "mir3_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
@@ -573,7 +666,16 @@ if __name__ == "__main__":
                 "obs_low": obs_low, "obs_high": obs_high,
                 "action_space": space, "global_step": global_step,
                 "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(),
-                           **({"club": club.state_dict()} if args.mi_coef > 0 else {})}}
+                           **({"club": club.state_dict()} if args.mi_coef > 0 else {})},
+                "continuation": {  # what --resume needs (the CLUB window refills with the replay buffer)
+                    "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+                    "targets": {k: net.state_dict() for k, net in targets.items()},
+                    "rng": rng_state(device),
+                    "counters": {"updates": updates, "last_save": last_save, "last_eval": last_eval,
+                                 "last_log": last_log, "credit": credit},
+                    "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
+                    "norms": {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count},
+                    "recent_returns": recent_returns}}
 
     def stop_if_not_finite(losses: dict, weights: bool) -> None:
         """Stop the run (exit 1) with one line if a logged loss, or with ``weights`` a parameter, is NaN or inf.
@@ -594,7 +696,7 @@ if __name__ == "__main__":
 
     def save() -> str:
         stop_if_not_finite(metrics, weights=True)
-        path = f"runs/{run_name}/{args.exp_name}.pt"
+        path = f"{run_dir}/{args.exp_name}.pt"
         try:
             torch.save(checkpoint(), path + ".tmp")
             os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
@@ -655,8 +757,41 @@ if __name__ == "__main__":
     global_step, updates, last_save, last_eval, last_log, last_print = 0, 0, 0, 0, 0, 0.0
     credit = 0.0  # gradient steps owed to finished episodes (--updates-per-episode)
     recent_returns, metrics = [], {}
+    if resumed is not None:
+        try:
+            # the CLUB estimator where both runs have one (λ > 0); a run that turns λ on starts a fresh one
+            with_club = args.mi_coef > 0 and "club" in resumed["models"]
+            for name, net in (("agent", agent), ("mixer", mixer), *((("club", club),) if with_club else ())):
+                net.load_state_dict(resumed["models"][name])
+            for name, net in targets.items():
+                net.load_state_dict(resumed["continuation"]["targets"][name])
+            for name, opt in optimizers.items():
+                if name != "club" or with_club:
+                    opt.load_state_dict(resumed["continuation"]["optimizers"][name])
+            counters = resumed["continuation"]["counters"]
+            global_step, updates, credit = resumed["global_step"], counters["updates"], counters["credit"]
+            last_save, last_eval, last_log = counters["last_save"], counters["last_eval"], counters["last_log"]
+            recent_returns = list(resumed["continuation"]["recent_returns"])
+            norms = resumed["continuation"]["norms"]  # the running reward statistics of the standardisation
+            reward_mean, reward_var = norms["reward_mean"].to(device), norms["reward_var"].to(device)
+            reward_count = float(norms["reward_count"])
+            for batch_env, started in ((env, resumed["continuation"]["episode_counts"]["env"]),
+                                       (eval_env, resumed["continuation"]["episode_counts"]["eval_env"])):
+                n = min(batch_env.num_envs, len(started))  # envs beyond the saved ones start at episode 1
+                batch_env.episode_count[:n] = started[:n].to(batch_env.device)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
+        for name, opt in optimizers.items():
+            opt.param_groups[0]["lr"] = args.club_lr if name == "club" else args.lr  # the command line's lr wins
+        print(f"resuming {args.resume} at global_step={global_step}: new episodes, and no learning during the "
+              f"first {args.learning_starts} steps, which refill the replay buffer (and until it holds "
+              f"{args.batch_size} episodes)", flush=True)
+    start_step = global_step
+    learning_from = start_step + args.learning_starts  # a resumed run refills its (empty) buffer first
     obs, state, avail = env.reset()
     hidden = policy.init_hidden(args.num_envs)
+    if resumed is not None:
+        set_rng_state(resumed["continuation"]["rng"], device)  # last: building the nets drew from it
     start_time = time.time()
     stop_on_signals()
     try:
@@ -692,7 +827,7 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
 
                 # ALGO LOGIC: training.
-                if global_step >= args.learning_starts and rb.num_episodes() >= args.batch_size:
+                if global_step >= learning_from and rb.num_episodes() >= args.batch_size:
                     credit += n_done * args.updates_per_episode
                     while credit >= 1:
                         credit -= 1
@@ -711,7 +846,7 @@ if __name__ == "__main__":
                     writer.add_scalar(k, v, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
                 writer.add_scalar("charts/reward_std", reward_var.sqrt().item(), global_step)  # σ_r of the standardisation
-                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
 
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
                 last_eval = global_step
@@ -723,7 +858,7 @@ if __name__ == "__main__":
             if time.time() - last_print > 10:
                 last_print = time.time()
                 ret = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"global_step={global_step} SPS={int(global_step / (time.time() - start_time))} "
+                print(f"global_step={global_step} SPS={int((global_step - start_step) / (time.time() - start_time))} "
                       f"updates={updates} epsilon={epsilon:.2f} return={ret:.2f} reward_std={reward_var.sqrt().item():.4f}",
                       flush=True)
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:

@@ -1,4 +1,4 @@
-"""--resume of mir3_maddpg.py and mir3_mappo.py: a run continues from its checkpoint (the one saved at the end,
+"""--resume of mir3_maddpg.py, mir3_mappo.py, mir3_qmix.py and ibal_qmix.py: a run continues from its checkpoint (the one saved at the end,
 every --save-interval steps or on SIGTERM) to a raised --total-timesteps, and refuses checkpoints it cannot continue.
 """
 
@@ -15,8 +15,10 @@ import torch
 
 import envs
 import helpers
+import ibal_qmix
 import mir3_maddpg
 import mir3_mappo
+import mir3_qmix
 
 MADDPG = ["--env-id", "rendezvous", "--n-agents", "3", "--episode-limit", "20", "--num-envs", "4",
           "--learning-starts", "160", "--batch-size", "2", "--eval-interval", "240", "--eval-episodes", "3",
@@ -26,8 +28,18 @@ MAPPO = ["--env-id", "rendezvous", "--n-agents", "3", "--episode-limit", "16", "
          "--num-minibatches", "2", "--update-epochs", "2", "--eval-interval", "64", "--eval-episodes", "3",
          "--hidden-dim", "16", "--club-hidden-dim", "16", "--club-batch-size", "32", "--club-steps", "2",
          "--mi-coef", "0.05"]
-FLAGS = {"mir3_maddpg": MADDPG, "mir3_mappo": MAPPO}
-MODULES = {"mir3_maddpg": mir3_maddpg, "mir3_mappo": mir3_mappo}
+# episodes of 20 steps end together in all 4 envs: every 80 steps 4 episodes end, and with --updates-per-episode 1
+# each boundary from --learning-starts on trains 4 updates
+QMIX = ["--env-id", "rendezvous-discrete", "--n-agents", "3", "--episode-limit", "20", "--num-envs", "4",
+        "--learning-starts", "160", "--batch-size", "2", "--eval-interval", "240", "--eval-episodes", "3",
+        "--hidden-dim", "16", "--club-hidden-dim", "16", "--buffer-size", "2000", "--mi-coef", "0.05",
+        "--target-update-interval", "17"]
+IBAL = ["--env-id", "rendezvous-discrete", "--n-agents", "4", "--episode-limit", "20", "--num-envs", "4",
+        "--learning-starts", "160", "--batch-size", "2", "--eval-interval", "240", "--eval-episodes", "3",
+        "--hidden-dim", "16", "--buffer-size", "2000", "--obs-model-hidden-dim", "16", "--act-model-hidden-dim", "16",
+        "--estimator-batch-size", "32", "--warmup-fraction", "0.6"]
+FLAGS = {"mir3_maddpg": MADDPG, "mir3_mappo": MAPPO, "mir3_qmix": QMIX, "ibal_qmix": IBAL}
+MODULES = {"mir3_maddpg": mir3_maddpg, "mir3_mappo": mir3_mappo, "mir3_qmix": mir3_qmix, "ibal_qmix": ibal_qmix}
 
 
 def checkpoint_path(cwd, script) -> str:
@@ -91,6 +103,64 @@ def test_mappo_resume_at_a_rollout_boundary_is_bit_identical(tmp_path):
     mir3_mappo.load_policy(a)
 
 
+def adam_steps(ckpt) -> dict:
+    """{optimiser name: Adam's step count of its first parameter}."""
+    return {name: opt["state"][0]["step"].item() for name, opt in ckpt["continuation"]["optimizers"].items()}
+
+
+def test_qmix_resume_refills_the_buffer_then_continues(tmp_path):
+    """480 steps, then --resume to 800: the log starts at 480 and evaluates at 720 and 800; λ comes from the
+    checkpoint. Learning waits for --learning-starts fresh steps: steps 640-800 train 12 updates (3 boundaries of
+    4 episodes; without the refill 16). The optimiser states (QMIX and CLUB), the target networks (copied at update
+    17 only: the resumed run's updates 21-32 copy nothing) and the reward statistics (one count per env step)
+    continue."""
+    helpers.run_script("mir3_qmix", tmp_path, *QMIX, "--total-timesteps", "480")
+    path = checkpoint_path(tmp_path, "mir3_qmix")
+    saved = load(path)
+    proc = helpers.run_script("mir3_qmix", tmp_path, "--resume", path, "--total-timesteps", "800",
+                              "--hidden-dim", "16")
+    assert f"resuming {path} at global_step=480:" in proc.stdout, proc.stdout
+    assert [line.split()[0] for line in eval_lines(proc.stdout)] == ["global_step=720", "global_step=800"]
+    assert checkpoint_path(tmp_path, "mir3_qmix") == path
+    assert len(glob.glob(os.path.join(os.path.dirname(path), "events.out.tfevents.*"))) == 2
+    final = load(path)
+    assert final["global_step"] == 800 and final["args"]["mi_coef"] == 0.05
+    assert saved["continuation"]["counters"]["updates"] == 20 and final["continuation"]["counters"]["updates"] == 32
+    assert adam_steps(saved) == {"qmix": 20, "club": 20} and adam_steps(final) == {"qmix": 32, "club": 32}
+    for net in ("agent", "mixer"):
+        saved_target, target = saved["continuation"]["targets"][net], final["continuation"]["targets"][net]
+        assert all(torch.equal(saved_target[k], target[k]) for k in target), net
+        assert any(not torch.equal(final["models"][net][k], target[k]) for k in target), net
+    assert final["continuation"]["norms"]["reward_count"] == pytest.approx(800, abs=0.01)
+    mir3_qmix.load_policy(final)
+
+
+def test_ibal_resume_continues_the_attack_curriculum(tmp_path):
+    """480 steps (warm-up 0.6 · 480 = 288), then --resume to 960: the warm-up still ends at 288 (not 0.6 · 960),
+    so the resumed run's episodes are all attacked and the curriculum's window of attacked episodes grows from 8
+    (those ending at 400 and 480) by 24 (six boundaries of 4 episodes). Evaluations, clean and attacked, run at
+    720 and 960; updates, the optimisers of QMIX and of both estimators, and the running statistics continue."""
+    helpers.run_script("ibal_qmix", tmp_path, *IBAL, "--total-timesteps", "480")
+    path = checkpoint_path(tmp_path, "ibal_qmix")
+    saved = load(path)
+    proc = helpers.run_script("ibal_qmix", tmp_path, "--resume", path, "--total-timesteps", "960")
+    assert f"resuming {path} at global_step=480:" in proc.stdout and "attacks both after 288 steps" in proc.stdout
+    lines = eval_lines(proc.stdout)
+    assert [line.split()[0] for line in lines] == ["global_step=720", "global_step=960"], proc.stdout
+    assert all(" attacked_return=" in line for line in lines)
+    assert checkpoint_path(tmp_path, "ibal_qmix") == path
+    final = load(path)
+    assert final["global_step"] == 960 and set(final["models"]) == {"agent", "mixer", "attacker"}
+    assert len(saved["continuation"]["curriculum"]["recent"]) == 8
+    assert len(final["continuation"]["curriculum"]["recent"]) == 32
+    assert saved["continuation"]["counters"]["updates"] == 20 and final["continuation"]["counters"]["updates"] == 40
+    assert adam_steps(final) == {"qmix": 40, "obs_model": 40, "action_model": 40}
+    norms = final["continuation"]["norms"]
+    assert norms["reward_count"] == pytest.approx(960, abs=0.01)
+    assert norms["next_obs_count"] == pytest.approx(960 * 4, abs=0.01)  # one row per agent and env step
+    ibal_qmix.load_policy(final)
+
+
 def start(cwd, script, *args):
     """Start a long training run; returns the process once it printed its first progress line."""
     os.makedirs(cwd, exist_ok=True)
@@ -103,11 +173,11 @@ def start(cwd, script, *args):
     raise AssertionError(f"no progress line: {proc.stderr.read()}")
 
 
-@pytest.mark.parametrize("script", ["mir3_maddpg", "mir3_mappo"])
+@pytest.mark.parametrize("script", ["mir3_maddpg", "mir3_mappo", "mir3_qmix", "ibal_qmix"])
 def test_sigterm_checkpoint_resumes(tmp_path, script):
     """A run stopped by SIGTERM after its first progress line saves a checkpoint that --resume continues from
     its step S to 2S (evaluating there, with --eval-interval changed on resume); mir3_mappo's is the state after
-    its last completed update, a rollout boundary."""
+    its last completed update, a rollout boundary, the others' may be in mid-episode."""
     extra = ["--learning-starts", "0"] if script == "mir3_maddpg" else []
     proc = start(tmp_path, script, *FLAGS[script], *extra, "--total-timesteps", "100000000", "--eval-interval", "0")
     proc.send_signal(signal.SIGTERM)
@@ -129,38 +199,45 @@ def test_sigterm_checkpoint_resumes(tmp_path, script):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """{script: path of the checkpoint of a finished run of 64 steps}."""
+    """finished(script): the path of the checkpoint of a finished run of 64 steps (made on first use)."""
     paths = {}
-    for script in ("mir3_maddpg", "mir3_mappo"):
-        cwd = tmp_path_factory.mktemp(script)
-        extra = ["--learning-starts", "0"] if script == "mir3_maddpg" else []
-        helpers.run_script(script, cwd, *FLAGS[script], *extra, "--total-timesteps", "64", "--eval-interval", "0")
-        paths[script] = checkpoint_path(cwd, script)
-    return paths
+
+    def path(script):
+        if script not in paths:
+            cwd = tmp_path_factory.mktemp(script)
+            extra = ["--learning-starts", "0"] if script == "mir3_maddpg" else []
+            helpers.run_script(script, cwd, *FLAGS[script], *extra, "--total-timesteps", "64", "--eval-interval", "0")
+            paths[script] = checkpoint_path(cwd, script)
+        return paths[script]
+
+    return path
 
 
-OTHER = {"mir3_maddpg": "mir3_mappo", "mir3_mappo": "mir3_maddpg"}
+OTHER = {"mir3_maddpg": "mir3_mappo", "mir3_mappo": "mir3_maddpg", "mir3_qmix": "ibal_qmix", "ibal_qmix": "mir3_qmix"}
+OTHER_ENV = {"rendezvous": "rendezvous-discrete", "rendezvous-discrete": "rendezvous"}
 REFUSALS = {  # case: (change of the checkpoint, given the script, or None; flags; the message)
     "wrong-script": (lambda ckpt, script: ckpt.update(script=OTHER[script]), [],
                      "{path} is not a {script} checkpoint (script: '{other}')"),
     "old": (lambda ckpt, script: ckpt.pop("continuation"), [], "{path} holds no continuation state"),
     "done": (None, ["--total-timesteps", "64"], "{path} is already at global_step=64 >= --total-timesteps 64"),
     "model-flag": (None, ["--hidden-dim", "32"], "--hidden-dim 32 differs from the checkpoint's 16"),
-    "env-flag": (None, ["--env-id", "rendezvous-discrete"],
-                 "--env-id rendezvous-discrete differs from the checkpoint's rendezvous"),
-    "spaces": (lambda ckpt, script: ckpt.update(obs_dim=99), [],
-               "{path}: rendezvous now has obs_dim 15, the checkpoint 99"),
+    "env-flag": (None, ["--env-id", "{other_env}"], "--env-id {other_env} differs from the checkpoint's {env}"),
+    "spaces": (lambda ckpt, script: ckpt.update(obs_dim=99), [], "{path}: {env} now has obs_dim {obs_dim}, the checkpoint 99"),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
-@pytest.mark.parametrize("script", ["mir3_maddpg", "mir3_mappo"])
+@pytest.mark.parametrize("script", ["mir3_maddpg", "mir3_mappo", "mir3_qmix", "ibal_qmix"])
 def test_resume_refuses_with_one_line(tmp_path, finished, script, case):
     """Another script's checkpoint, one without the continuation state (an old checkpoint: load_policy still takes
     it), one already at --total-timesteps, a model or env flag other than the checkpoint's, a checkpoint whose
     env no longer matches: one line on stderr, exit 2, nothing written."""
     change, flags, message = REFUSALS[case]
-    path = finished[script]
+    path = finished(script)
+    env = FLAGS[script][FLAGS[script].index("--env-id") + 1]
+    names = {"script": script, "other": OTHER[script], "env": env, "other_env": OTHER_ENV[env],
+             "obs_dim": load(path)["obs_dim"]}
+    flags = [flag.format(**names) for flag in flags]
     if change is not None:  # an edited copy
         ckpt = load(path)
         change(ckpt, script)
@@ -171,13 +248,13 @@ def test_resume_refuses_with_one_line(tmp_path, finished, script, case):
     before = sorted(os.listdir(os.path.dirname(path)))
     proc = helpers.run_script(script, tmp_path, "--resume", path, "--total-timesteps", "1000", *flags, check=False)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert message.format(path=path, script=script, other=OTHER[script]) in proc.stderr, proc.stderr
+    assert message.format(path=path, **names) in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: --resume ") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert sorted(os.listdir(os.path.dirname(path))) == before
 
 
-@pytest.mark.parametrize("module", [mir3_maddpg, mir3_mappo], ids=["mir3_maddpg", "mir3_mappo"])
+@pytest.mark.parametrize("module", list(MODULES.values()), ids=list(MODULES))
 def test_rng_state_round_trip(tmp_path, module):
     """rng_state survives torch.save / torch.load(weights_only=True) and set_rng_state replays the same draws
     of torch and numpy."""
