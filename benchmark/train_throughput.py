@@ -3,6 +3,7 @@
     python benchmark/train_throughput.py                 # every script that exists
     python benchmark/train_throughput.py --scripts mir3_maddpg --steps 60000
     python benchmark/train_throughput.py --scripts mir3_qmix ibal_qmix --repeats 3
+    python benchmark/train_throughput.py --against 6fd5336 --no-memory --repeats 3   # this tree vs a commit
 
 For each script and setting, the script runs twice, with ``learning_starts + short`` and
 ``learning_starts + short + steps`` total env steps; the difference of the two wall times is the
@@ -11,7 +12,8 @@ Both settings run in this one process, one after the other, so their ratio is me
 same machine load; with ``--repeats n`` every run is timed n times, the settings interleaved, and the
 fastest time counts (on a shared machine the speed drifts by tens of percent over minutes). Peak
 memory (max RSS of the child) is read from a run of the default configuration that is long enough to
-fill the replay buffer.
+fill the replay buffer. ``--against REV`` also times the scripts (and envs) of git revision REV, interleaved
+with this tree's, and prints the speed ratio per setting: did a change slow training?
 
 Reference (authors' MIR3 code on a 2-core CPU, rendezvous with 10 agents, replay ratio 8):
 MADDPG 116 env steps/s, MIR3 94 env steps/s (1.24x), 14-16 GiB peak memory.
@@ -39,12 +41,12 @@ CONFIGS = {
 }
 
 
-def run(script, args, cwd):
-    """Wall time and peak RSS (bytes) of one run of ``script`` with ``args``."""
+def run(script, args, cwd, root=ROOT):
+    """Wall time and peak RSS (bytes) of one run of ``script`` (as found in ``root``) with ``args``."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, f"{script}.py"), *args], cwd=cwd,
-                                env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([sys.executable, os.path.join(root, f"{script}.py"), *args], cwd=cwd,
+                                env=dict(os.environ, PYTHONPATH=root), stdout=subprocess.DEVNULL, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
         elapsed = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0:
@@ -62,12 +64,20 @@ def main():
                         help="time every run this many times, the settings interleaved, and keep the fastest")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory run")
+    parser.add_argument("--against", metavar="REV", help="also time the scripts of this git revision and compare")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (last option)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     cwd = tempfile.mkdtemp(prefix="train_throughput_")
-    rows = []
+    roots = {"tree": ROOT}
+    if args.against:  # REV's files in a folder of their own, run exactly like this tree's
+        roots[args.against] = tempfile.mkdtemp(prefix="train_throughput_rev_")
+        archive = subprocess.run(["git", "-C", ROOT, "archive", args.against], capture_output=True)
+        if archive.returncode != 0:
+            parser.error(f"--against {args.against}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", roots[args.against]], input=archive.stdout, check=True)
+    rows, versus = [], []
     for script in args.scripts:
         env_args, starts, extra, plain_flags, robust_flags, memory_steps = CONFIGS[script]
         common = [*env_args, *extra, *args.extra, "--eval-interval", "0", "--no-save-model"]
@@ -82,12 +92,19 @@ def main():
         best = {}
         for _ in range(0 if args.memory_only else args.repeats):
             for name, flags in settings:
-                for total in (starts + args.short, starts + args.short + args.steps):
-                    elapsed, _ = run(script, [*common, *flags, "--total-timesteps", str(total)], cwd)
-                    best[name, total] = min(elapsed, best.get((name, total), float("inf")))
+                for version, root in roots.items():
+                    for total in (starts + args.short, starts + args.short + args.steps):
+                        elapsed, _ = run(script, [*common, *flags, "--total-timesteps", str(total)], cwd, root)
+                        best[version, name, total] = min(elapsed, best.get((version, name, total), float("inf")))
+
+        def rate(version, name):
+            return args.steps / (best[version, name, starts + args.short + args.steps] - best[version, name, starts + args.short])
+
         for name, _ in () if args.memory_only else settings:
-            sps[name] = args.steps / (best[name, starts + args.short + args.steps] - best[name, starts + args.short])
+            sps[name] = rate("tree", name)
             print(f"{script} {name}: {sps[name]:,.0f} training env steps/s", flush=True)
+            if args.against:
+                versus.append((script, name, sps[name], rate(args.against, name)))
         peak = None
         if not args.no_memory:
             _, peak = run(script, [*env_args, *args.extra, "--no-save-model", "--total-timesteps", str(memory_steps)], cwd)
@@ -104,6 +121,10 @@ def main():
         print(f"{script:14s} {rates} {speedup:>23s} {mem:>12s}")
     print("SPS = training env steps per second (one step of one env, all agents); robust = MIR3, or IBAL for "
           "ibal_qmix; cost = plain SPS / robust SPS; peak memory = max RSS of a default run that fills the replay buffer")
+    if versus:
+        print(f"\n{'script':14s} {'setting':8s} {'tree SPS':>10s} {args.against + ' SPS':>14s} {'tree / rev':>10s}")
+        for script, name, here, there in versus:
+            print(f"{script:14s} {name:8s} {here:10,.0f} {there:14,.0f} {here / there:9.2f}x")
 
 
 if __name__ == "__main__":
