@@ -210,6 +210,12 @@ class EpisodeBuffer:
     Actions are stored as indices [C, T, N].
     """
 
+    @staticmethod
+    def nbytes(capacity, episode_limit, n_agents, obs_dim, state_dim, n_actions) -> int:
+        """Bytes of the tensors ``__init__`` allocates (float32: 4, bool: 1, int64: 8), known before allocating them."""
+        C, T, N = capacity, episode_limit, n_agents
+        return C * (4 * (T + 1) * (N * obs_dim + state_dim) + (T + 1) * N * n_actions + 8 * T * N + 8 * T + 8)
+
     def __init__(self, capacity, episode_limit, num_envs, n_agents, obs_dim, state_dim, n_actions, device):
         if capacity < 2 * num_envs:
             raise ValueError(f"replay buffer of {capacity} episodes is too small for {num_envs} envs")
@@ -419,6 +425,12 @@ class InteractionBreaker:
     ``scale_obs``: the defender's map of observations onto [-1, 1]; ``state_box``: (center,
     half-width) that does the same for the state.
     """
+
+    @staticmethod
+    def nbytes(n_agents, obs_dim, state_dim, n_actions, window) -> int:
+        """Bytes of the score table and the window ``__init__`` allocates (float32: 4, bool: 1, int64: 8)."""
+        N, D, S, A, W = n_agents, obs_dim, state_dim, n_actions, window
+        return 4 * N * N * D + W * (4 * S + 8 * N * D + 16 * N + N * A)
 
     def __init__(self, n_agents, obs_dim, state_dim, n_actions, args: Args, scale_obs, state_box, device, seed: int):
         N, D, S, A = n_agents, obs_dim, state_dim, n_actions
@@ -718,6 +730,22 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_fits(nbytes: int, what: str, store: str, hint: str, device) -> None:
+    """Refuse (one line, exit 2) a ``store`` of ``nbytes`` bytes that cannot fit where it lives: the GPU's memory
+    on CUDA, else the machine's RAM. One clear line instead of an allocation failure deep inside torch, or swapping."""
+    try:
+        limit, where = (torch.cuda.get_device_properties(device).total_memory, "the GPU's memory") \
+            if device.type == "cuda" else (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine's RAM")
+    except (ValueError, OSError, AttributeError):  # the system does not say: no check
+        return
+
+    def size(b):
+        return f"{b / 2**40:.3g} TiB" if b >= 2**40 else f"{b / 2**30:.3g} GiB"
+
+    if nbytes > limit:
+        fail(f"{what} would need about {size(nbytes)} for {store} (limit {size(limit)}, {where}); {hint}")
+
+
 def check_writable(directory: str) -> None:
     """Create the run directory and write a probe file in it: a long run must not end unable to save."""
     probe = os.path.join(directory, ".write-probe")
@@ -922,6 +950,14 @@ if __name__ == "__main__":
     if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
         os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
 
+    # refuse a replay buffer and attacker window (allocated below) that cannot fit, before building anything
+    capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
+    check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A)
+               + (InteractionBreaker.nbytes(N, env.obs_dim, env.state_dim, A, args.estimator_window) if K > 0 else 0),
+               f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
+               "the replay buffer, the attacker's window and its score table",
+               "lower --buffer-size (or --estimator-window, --n-agents)", device)
+
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -937,8 +973,7 @@ if __name__ == "__main__":
     params = list(agent.parameters()) + list(mixer.parameters())
     optimizer = optim.Adam(params, lr=args.lr)
 
-    rb = EpisodeBuffer(max(args.buffer_size // T, 2 * args.num_envs), T, args.num_envs, N, env.obs_dim,
-                       env.state_dim, A, device)
+    rb = EpisodeBuffer(capacity, T, args.num_envs, N, env.obs_dim, env.state_dim, A, device)
     reward_mean, reward_var, reward_count = torch.zeros((), device=device), torch.ones((), device=device), 1e-4
 
     space = action_space_dict(env.action_space)

@@ -268,6 +268,12 @@ class EpisodeBuffer:
     index length holds the last observation (what a truncated episode bootstraps from).
     """
 
+    @staticmethod
+    def nbytes(capacity, episode_limit, n_agents, obs_dim, state_dim, action_dim, n_avail) -> int:
+        """Bytes of the tensors ``__init__`` allocates (float32: 4, bool: 1, int64: 8), known before allocating them."""
+        C, T, N = capacity, episode_limit, n_agents
+        return C * (4 * (T + 1) * (N * obs_dim + state_dim) + (T + 1) * N * n_avail + 4 * T * (N * action_dim + 2) + 8)
+
     def __init__(self, capacity, episode_limit, num_envs, n_agents, obs_dim, state_dim, action_dim, n_avail, device):
         if capacity < 2 * num_envs:
             raise ValueError(f"replay buffer of {capacity} episodes is too small for {num_envs} envs")
@@ -410,6 +416,22 @@ def keep_freed_memory() -> None:
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_fits(nbytes: int, what: str, store: str, hint: str, device) -> None:
+    """Refuse (one line, exit 2) a ``store`` of ``nbytes`` bytes that cannot fit where it lives: the GPU's memory
+    on CUDA, else the machine's RAM. One clear line instead of an allocation failure deep inside torch, or swapping."""
+    try:
+        limit, where = (torch.cuda.get_device_properties(device).total_memory, "the GPU's memory") \
+            if device.type == "cuda" else (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine's RAM")
+    except (ValueError, OSError, AttributeError):  # the system does not say: no check
+        return
+
+    def size(b):
+        return f"{b / 2**40:.3g} TiB" if b >= 2**40 else f"{b / 2**30:.3g} GiB"
+
+    if nbytes > limit:
+        fail(f"{what} would need about {size(nbytes)} for {store} (limit {size(limit)}, {where}); {hint}")
 
 
 def check_writable(directory: str) -> None:
@@ -605,6 +627,13 @@ if __name__ == "__main__":
     if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
         os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
 
+    # refuse a replay buffer and CLUB window (allocated below) that cannot fit, before building anything
+    capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
+    check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A, A if discrete else 0)
+               + 4 * args.club_window * (env.state_dim + N * A),
+               f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
+               "the replay buffer and the CLUB window", "lower --buffer-size (or --club-window, --n-agents)", device)
+
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -627,9 +656,8 @@ if __name__ == "__main__":
         high = torch.as_tensor(env.action_space.high, device=device)
         act_scale, act_bias = (high - low) / 2, (high + low) / 2
 
-    rb = EpisodeBuffer(max(args.buffer_size // T, 2 * args.num_envs), T, args.num_envs, N, env.obs_dim,
-                       env.state_dim, A, A if discrete else 0, device)
-    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s)
+    rb = EpisodeBuffer(capacity, T, args.num_envs, N, env.obs_dim, env.state_dim, A, A if discrete else 0, device)
+    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s); 4·W·(S + N·A) bytes
     club_states = torch.zeros(args.club_window, env.state_dim, device=device)
     club_actions = torch.zeros(args.club_window, N, A, device=device)
     club_ptr, club_count = 0, 0

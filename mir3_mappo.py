@@ -396,6 +396,22 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_fits(nbytes: int, what: str, store: str, hint: str, device) -> None:
+    """Refuse (one line, exit 2) a ``store`` of ``nbytes`` bytes that cannot fit where it lives: the GPU's memory
+    on CUDA, else the machine's RAM. One clear line instead of an allocation failure deep inside torch, or swapping."""
+    try:
+        limit, where = (torch.cuda.get_device_properties(device).total_memory, "the GPU's memory") \
+            if device.type == "cuda" else (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine's RAM")
+    except (ValueError, OSError, AttributeError):  # the system does not say: no check
+        return
+
+    def size(b):
+        return f"{b / 2**40:.3g} TiB" if b >= 2**40 else f"{b / 2**30:.3g} GiB"
+
+    if nbytes > limit:
+        fail(f"{what} would need about {size(nbytes)} for {store} (limit {size(limit)}, {where}); {hint}")
+
+
 def check_writable(directory: str) -> None:
     """Create the run directory and write a probe file in it: a long run must not end unable to save."""
     probe = os.path.join(directory, ".write-probe")
@@ -595,6 +611,11 @@ if __name__ == "__main__":
     start_step = resumed["global_step"] if resumed is not None else 0
     num_iterations = done_iterations + max(1, (args.total_timesteps - start_step) // (E * T))
     ent_coef = args.ent_coef if args.ent_coef is not None else (0.01 if discrete else 0.0)
+    # refuse rollout storage (the buffers of "Storage setup" below) that cannot fit, before building anything:
+    # obs, state and final state, avail, actions, log-probs, reward, term and done (float32: 4, bool: 1)
+    check_fits(T * E * (4 * N * env.obs_dim + 8 * env.state_dim + N * A + 4 * N * (1 if discrete else A) + 4 * N + 9),
+               f"--num-steps {T} x --num-envs {E} with {N} agents (obs {env.obs_dim})", "the rollout storage",
+               "lower --num-steps or --num-envs", device)
 
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
@@ -613,7 +634,7 @@ if __name__ == "__main__":
     if not discrete:
         act_scale, act_bias = greedy.scale, greedy.bias
 
-    # ALGO Logic: Storage setup
+    # ALGO Logic: Storage setup (its size is checked above)
     obs_buf = torch.zeros(T, E, N, env.obs_dim, device=device)
     state_buf = torch.zeros(T, E, env.state_dim, device=device)
     final_state_buf = torch.zeros(T, E, env.state_dim, device=device)  # s_{t+1}, before any auto-reset

@@ -237,6 +237,12 @@ class EpisodeBuffer:
     Actions are stored as indices [C, T, N].
     """
 
+    @staticmethod
+    def nbytes(capacity, episode_limit, n_agents, obs_dim, state_dim, n_actions) -> int:
+        """Bytes of the tensors ``__init__`` allocates (float32: 4, bool: 1, int64: 8), known before allocating them."""
+        C, T, N = capacity, episode_limit, n_agents
+        return C * (4 * (T + 1) * (N * obs_dim + state_dim) + (T + 1) * N * n_actions + 8 * T * N + 8 * T + 8)
+
     def __init__(self, capacity, episode_limit, num_envs, n_agents, obs_dim, state_dim, n_actions, device):
         if capacity < 2 * num_envs:
             raise ValueError(f"replay buffer of {capacity} episodes is too small for {num_envs} envs")
@@ -425,6 +431,22 @@ def keep_freed_memory() -> None:
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_fits(nbytes: int, what: str, store: str, hint: str, device) -> None:
+    """Refuse (one line, exit 2) a ``store`` of ``nbytes`` bytes that cannot fit where it lives: the GPU's memory
+    on CUDA, else the machine's RAM. One clear line instead of an allocation failure deep inside torch, or swapping."""
+    try:
+        limit, where = (torch.cuda.get_device_properties(device).total_memory, "the GPU's memory") \
+            if device.type == "cuda" else (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine's RAM")
+    except (ValueError, OSError, AttributeError):  # the system does not say: no check
+        return
+
+    def size(b):
+        return f"{b / 2**40:.3g} TiB" if b >= 2**40 else f"{b / 2**30:.3g} GiB"
+
+    if nbytes > limit:
+        fail(f"{what} would need about {size(nbytes)} for {store} (limit {size(limit)}, {where}); {hint}")
 
 
 def check_writable(directory: str) -> None:
@@ -619,6 +641,13 @@ if __name__ == "__main__":
     if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
         os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
 
+    # refuse a replay buffer and CLUB window (allocated below) that cannot fit, before building anything
+    capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
+    check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A)
+               + args.club_window * (4 * env.state_dim + 8 * N),
+               f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
+               "the replay buffer and the CLUB window", "lower --buffer-size (or --club-window, --n-agents)", device)
+
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -637,9 +666,8 @@ if __name__ == "__main__":
         club = CLUB(env.state_dim, N, A, True, args.club_hidden_dim).to(device)
         club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
 
-    rb = EpisodeBuffer(max(args.buffer_size // T, 2 * args.num_envs), T, args.num_envs, N, env.obs_dim,
-                       env.state_dim, A, device)
-    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s)
+    rb = EpisodeBuffer(capacity, T, args.num_envs, N, env.obs_dim, env.state_dim, A, device)
+    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s); W·(4·S + 8·N) bytes
     club_states = torch.zeros(args.club_window, env.state_dim, device=device)
     club_actions = torch.zeros(args.club_window, N, dtype=torch.int64, device=device)
     club_ptr, club_count = 0, 0

@@ -417,6 +417,18 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_replay_buffer_beyond_memory_exits_with_the_estimate(tmp_path):
+    """A replay buffer no machine can hold (about 4.5e5 TiB here; the env itself is small)
+    is refused at start-up with one line naming the flag and giving the estimate, before anything is allocated."""
+    proc = run_script(tmp_path, *RENDEZVOUS, "--num-envs", "4", "--buffer-size", str(10**15), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.match(r"error: --buffer-size 1000000000000000 with 4 agents .* would need about [\d.e+]+ TiB "
+                    r"for the replay buffer.* \(limit ", lines[0]), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_interaction_breaking_attack_is_deterministic(rendezvous_runs):
     """interaction_breaking_attack with the same seed returns the same returns, whatever the global RNG state."""
     # last in the file: it fails while the attack's ε-greedy fit rollouts draw from the global torch RNG

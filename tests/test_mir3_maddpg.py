@@ -6,6 +6,7 @@ The MIR3 penalty itself (exact TD target, and its effect on what is learned) is 
 import functools
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,19 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_replay_buffer_beyond_memory_exits_with_the_estimate(tmp_path):
+    """A replay buffer no machine can hold (about 2.5e5 TiB here; the env itself is small)
+    is refused at start-up with one line naming the flag and giving the estimate, before anything is allocated."""
+    proc = run_script(tmp_path, "--env-id", "rendezvous", "--n-agents", "3", "--episode-limit", "20", "--num-envs", "4",
+                      "--buffer-size", str(10**15), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.match(r"error: --buffer-size 1000000000000000 with 3 agents .* would need about [\d.e+]+ TiB "
+                    r"for the replay buffer.* \(limit ", lines[0]), lines[0]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_env_kwargs_reach_the_env_and_the_checkpoint(tmp_path):

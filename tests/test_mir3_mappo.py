@@ -112,6 +112,19 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_rollout_storage_beyond_memory_exits_with_the_estimate(tmp_path):
+    """A rollout storage no machine can hold (about 1.2e3 TiB here; the env itself is small)
+    is refused at start-up with one line naming the flag and giving the estimate, before anything is allocated."""
+    proc = run_script(tmp_path, "--env-id", "rendezvous", "--n-agents", "3", "--episode-limit", "12", "--num-envs", "4",
+                      "--num-steps", str(10**12), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.match(r"error: --num-steps 1000000000000 x --num-envs 4 with 3 agents .* would need about [\d.e+]+ TiB "
+                    r"for the rollout storage \(limit ", lines[0]), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_env_kwargs_reach_the_env_and_the_checkpoint(tmp_path):
     """--env-kwargs options go to envs.make (on top of the script's quads defaults: n_agents shows in the model)
     and into the checkpoint's env_kwargs, so that attack_worstcase rebuilds the same env."""

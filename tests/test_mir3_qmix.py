@@ -191,6 +191,19 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_replay_buffer_beyond_memory_exits_with_the_estimate(tmp_path):
+    """A replay buffer no machine can hold (about 2.7e5 TiB here; the env itself is small)
+    is refused at start-up with one line naming the flag and giving the estimate, before anything is allocated."""
+    proc = run_script(tmp_path, "--env-id", "rendezvous-discrete", "--n-agents", "3", "--episode-limit", "20",
+                      "--num-envs", "4", "--buffer-size", str(10**15), check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.match(r"error: --buffer-size 1000000000000000 with 3 agents .* would need about [\d.e+]+ TiB "
+                    r"for the replay buffer.* \(limit ", lines[0]), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
 def test_penalty_is_subtracted_before_standardisation():
     """λ is in reward units: the TD target's reward is (r - λ·Î - μ_r) / σ_r, not (r - μ_r) / σ_r - λ·Î."""
     reward, mi = torch.full((2, 5), 0.3), torch.rand(2, 5) * 3
