@@ -235,8 +235,8 @@ def run_logged(cmd: list, log: str, threads: int) -> tuple:
 
 
 def result_state(spec: dict, method: str, seed: int) -> str:
-    """"done" if the unit's result JSON holds exactly the experiment's commands, "stale" if it holds others
-    (the spec changed since), "missing" if there is none."""
+    """"done" if the unit's result JSON holds the experiment's training and every one of its attacks (it may
+    hold more), "stale" if it was made by other commands (the spec changed since), "missing" if there is none."""
     path = result_path(spec, method, seed)
     if not os.path.isfile(path):
         return "missing"
@@ -244,7 +244,7 @@ def result_state(spec: dict, method: str, seed: int) -> str:
         result = json.load(f)
     attacks = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
     current = result["train"].get("key") == key(train_command(spec, method, seed)) \
-        and [a.get("key") for a in result["attacks"]] == attacks
+        and set(attacks) <= {a.get("key") for a in result["attacks"]}
     return "done" if current else "stale"
 
 
@@ -417,10 +417,13 @@ def run_scores(result: dict, adversary_sets: list) -> dict:
 def aggregate(spec: dict) -> dict:
     """Scores of every finished run and the statistics across them."""
     folder = os.path.join("results", spec["name"])
-    scores, seeds, cost = {}, {}, {"train_s": 0.0, "attack_s": 0.0}
+    scores, seeds, cost, stale = {}, {}, {"train_s": 0.0, "attack_s": 0.0}, []
     for method, seed in units(spec):
         path = result_path(spec, method, seed)
-        if not os.path.isfile(path):
+        state = result_state(spec, method, seed)
+        if state == "stale":  # made by other commands than the spec's: not part of this experiment
+            stale.append(path)
+        if state != "done":
             continue
         with open(path) as f:
             result = json.load(f)
@@ -457,7 +460,7 @@ def aggregate(spec: dict) -> dict:
                     entry["drop"]["p_smaller"] = float(prob_improvement(-np.asarray(drop), -np.asarray(y_drop)))
             table[method][cond] = entry
     return {"experiment": spec["name"], "baseline": base, "seeds": seeds, "conditions": conditions,
-            "cost_s": {k: round(v) for k, v in cost.items()}, "bootstrap_reps": BOOTSTRAP_REPS,
+            "cost_s": {k: round(v) for k, v in cost.items()}, "bootstrap_reps": BOOTSTRAP_REPS, "stale_skipped": stale,
             "methods": table, "folder": folder}
 
 
@@ -537,6 +540,8 @@ def cmd_aggregate(spec: dict, make_plot: bool = True) -> int:
     if make_plot:
         plot(summary, os.path.join(folder, "summary.png"))
     print(text)
+    for path in summary["stale_skipped"]:
+        print(f"skipped {path}: made with other commands than the experiment's now (run the experiment to redo it)")
     print(f"cost: {summary['cost_s']['train_s'] / 60:.1f} min training, {summary['cost_s']['attack_s'] / 60:.1f} min "
           f"attacks (sum over units); written to {summary['folder']}/summary.{{json,md{',png' if make_plot else ''}}}")
     return 0

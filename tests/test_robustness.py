@@ -80,7 +80,7 @@ def test_bootstrap_hand_computed():
     assert lo == pytest.approx(0.5 - 1.96 * 0.5 / np.sqrt(20), abs=0.03) and hi == pytest.approx(0.5 + 1.96 * 0.5 / np.sqrt(20), abs=0.03)
 
 
-def fake_result(method, seed, natural, worst):
+def fake_result(spec, method, seed, natural, worst):
     def report(adv, worstcase):
         conds = {"natural": {"return_mean": natural}, "random": {"return_mean": natural - 1},
                  "worstcase": {"return_mean": worstcase},  # flee: weaker than the trained adversary on [0] only
@@ -88,11 +88,14 @@ def fake_result(method, seed, natural, worst):
         if adv == [0]:
             conds["dis_1"] = {"return_mean": natural - 2}
         return {"conditions": conds}
-    attacks = [{"adversaries": [0], "wall_s": 1.0, "report": report([0], worst[0])},
-               {"adversaries": [1], "wall_s": 1.0, "report": report([1], worst[1])},
-               {"adversaries": [0, 2], "wall_s": 1.0, "report": report([0, 2], worst[2])},
-               {"adversaries": [5], "wall_s": 1.0, "report": report([5], -1000.0)}]  # not in the spec: ignored
-    return {"method": method, "seed": seed, "train": {"wall_s": 10.0}, "attacks": attacks}
+    def attack(i, adv, worstcase):  # with the key of the spec's command, as the runner writes it
+        cmd = robustness.attack_command(spec, "", seed, adv, i == 0, "")
+        return {"adversaries": adv, "key": robustness.key(cmd), "wall_s": 1.0, "report": report(adv, worstcase)}
+
+    attacks = [attack(0, [0], worst[0]), attack(1, [1], worst[1]), attack(2, [0, 2], worst[2]),
+               attack(3, [5], -1000.0)]  # not in the spec: ignored
+    train = {"wall_s": 10.0, "key": robustness.key(robustness.train_command(spec, method, seed))}
+    return {"method": method, "seed": seed, "train": train, "attacks": attacks}
 
 
 def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
@@ -105,7 +108,16 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
             ("mir3", 1): (-8.0, [-10.0, -12.0, -20.0]), ("mir3", 2): (-9.0, [-11.0, -13.0, -21.0])}
     for (m, s), (nat, worst) in runs.items():
         with open(f"results/tiny/{m}__{s}.json", "w") as f:
-            json.dump(fake_result(m, s, nat, worst), f)
+            json.dump(fake_result(spec, m, s, nat, worst), f)
+    # a result made with other commands (here: another attack budget) is no part of the experiment
+    other = robustness.load_spec(str(spec_path))
+    other["attack"]["flags"] = [f if f != "128" else "64" for f in other["attack"]["flags"]]
+    with open("results/tiny/plain__3.json", "w") as f:  # seed 3, in the spec for this check only
+        json.dump(fake_result(other, "plain", 3, 0.0, [0.0] * 3), f)
+    spec["seeds"].append(3)
+    summary = robustness.aggregate(spec)
+    assert summary["stale_skipped"] == ["results/tiny/plain__3.json"]
+    spec["seeds"].remove(3)
     summary = robustness.aggregate(spec)
     assert summary["conditions"] == ["natural", "strongest_k1", "strongest_k2", "worstcase_k1", "worstcase_k2",
                                      "scripted_flee_k1", "scripted_flee_k2", "random_k1", "random_k2", "dis_1"]
