@@ -20,7 +20,6 @@
 # training the adversary is saved, during the final evaluation a report of the conditions finished
 # so far is written with "partial": true; the exit code is 128 + the signal number.
 import contextlib
-import ctypes
 import importlib
 import json
 import math
@@ -39,6 +38,7 @@ import torch.optim as optim
 import tyro
 
 import envs
+from runtime import STOP_SIGNALS, action_space_dict, check_writable, fail, first_line, keep_freed_memory
 
 KNOWN_SCRIPTS = ("mir3_maddpg", "mir3_qmix", "mir3_mappo", "ibal_qmix")
 QMIX_SCRIPTS = ("mir3_qmix", "ibal_qmix")
@@ -136,32 +136,6 @@ class Args:
     """write a PNG next to the report: return per condition (+ trajectories for rendezvous / quads)"""
 
 
-def keep_freed_memory() -> None:
-    """Stop glibc from handing the memory of freed tensors back to the OS after every update.
-
-    Each update allocates and frees the same few-MiB tensors. By default glibc serves them with mmap
-    or trims them off the heap when they are freed, so the next update page-faults them in again,
-    which took a third of the training time of mir3_maddpg on CPU. A no-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks below 64 MiB come from the heap
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: give heap back to the OS only above 256 MiB free
-    except (OSError, AttributeError):
-        pass
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def action_space_dict(space) -> dict:
-    if space.__class__.__name__ == "Discrete":
-        return {"type": "discrete", "n": int(space.n)}
-    return {"type": "box", "shape": list(space.shape), "low": space.low.tolist(), "high": space.high.tolist()}
-
-
 def read_checkpoint(path: str, what: str) -> dict:
     """torch.load(weights_only=True) of a dict, or one clear error line."""
     if not path or not os.path.isfile(path):
@@ -178,12 +152,6 @@ def read_checkpoint(path: str, what: str) -> dict:
     if bad is not None:  # a diverged run: its numbers would mean nothing
         fail(f"{what} {path} has non-finite values (NaN or inf) in {bad}")
     return ckpt
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type when the message is empty."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def non_finite_tensor(tree, name: str) -> Optional[str]:
@@ -207,19 +175,6 @@ def parse_json_object(text: str, flag: str) -> dict:
     if not isinstance(value, dict):
         fail(f"{flag} must be a JSON object such as '{{\"episode_limit\": 100}}', got {text!r}")
     return value
-
-
-def check_writable(directory: str, what: str) -> None:
-    """Create ``directory`` and write and remove a probe file in it, so that a long run cannot end
-    in an unwritable report or checkpoint."""
-    probe = os.path.join(directory, f".write-probe-{os.getpid()}")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("probe")
-        os.remove(probe)
-    except OSError as e:
-        fail(f"{what} {directory!r} is not writable ({e.strerror or first_line(e)})")
 
 
 def import_script(name: str):
@@ -261,7 +216,7 @@ class Interrupts:
     all raise KeyboardInterrupt, so one ``except`` saves what there is. Inside ``held()`` (while a
     file is written) a signal is only noted, so that a second Ctrl-C never cuts a save short."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum, self.holding, self.pending = None, False, False

@@ -11,8 +11,6 @@
 # penalty is subtracted before, so λ is in reward units as in the other two scripts). Targets are
 # TD(λ) with λ = 0.6 (pymarl2's fine-tuned QMIX): on LBF 8x8-2p-2f-coop one-step targets (lr 3e-4)
 # reached an evaluation return of 0.30 after 600k steps, TD(0.6) (lr 5e-4) 0.45; one seed each (README).
-import ctypes
-import json
 import math
 import os
 import signal
@@ -30,6 +28,9 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
+from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
+                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, resumed_args, rng_state,
+                     set_rng_state, stop_on_signals)
 
 # λ per env id, or per family ("lbf:"), from the short sweep documented in README; else the fallback.
 # λ is in reward units. Î of a factorised categorical is at most N·log A nats per step (3.6 for 2
@@ -361,12 +362,6 @@ class Policy:
         return actions, torch.cat((h, F.one_hot(actions, self.n_actions).float()), -1)
 
 
-def action_space_dict(space) -> dict:
-    if space.__class__.__name__ == "Discrete":
-        return {"type": "discrete", "n": int(space.n)}
-    return {"type": "box", "shape": list(space.shape), "low": space.low.tolist(), "high": space.high.tolist()}
-
-
 def executed_as_last_action(hidden, actions, n_actions: int):
     """Put the executed actions [E, N] into the last-action slot of a QMIX ``hidden`` [E, N, H + A].
 
@@ -413,54 +408,6 @@ def evaluate(policy: Policy, env) -> tuple:
     return returns, success
 
 
-def keep_freed_memory() -> None:
-    """Stop glibc from handing the memory of freed tensors back to the OS after every update.
-
-    Each update allocates and frees the same few-MiB tensors. By default glibc serves them with mmap
-    or trims them off the heap when they are freed, so the next update page-faults them in again,
-    which took a third of the training time of mir3_maddpg on CPU. A no-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: blocks below 64 MiB come from the heap
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: give heap back to the OS only above 256 MiB free
-    except (OSError, AttributeError):
-        pass
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_fits(nbytes: int, what: str, store: str, hint: str, device) -> None:
-    """Refuse (one line, exit 2) a ``store`` of ``nbytes`` bytes that cannot fit where it lives: the GPU's memory
-    on CUDA, else the machine's RAM. One clear line instead of an allocation failure deep inside torch, or swapping."""
-    try:
-        limit, where = (torch.cuda.get_device_properties(device).total_memory, "the GPU's memory") \
-            if device.type == "cuda" else (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine's RAM")
-    except (ValueError, OSError, AttributeError):  # the system does not say: no check
-        return
-
-    def size(b):
-        return f"{b / 2**40:.3g} TiB" if b >= 2**40 else f"{b / 2**30:.3g} GiB"
-
-    if nbytes > limit:
-        fail(f"{what} would need about {size(nbytes)} for {store} (limit {size(limit)}, {where}); {hint}")
-
-
-def check_writable(directory: str) -> None:
-    """Create the run directory and write a probe file in it: a long run must not end unable to save."""
-    probe = os.path.join(directory, ".write-probe")
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        fail(f"the run directory {directory!r} is not writable ({e.strerror or e})")
-
-
 def check_args(args: Args) -> None:
     """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
     if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
@@ -486,45 +433,6 @@ def check_args(args: Args) -> None:
         fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
 
 
-def env_kwargs_of(args) -> dict:
-    """The env constructor options: --n-agents / --episode-limit plus the JSON object of --env-kwargs."""
-    env_kwargs = {k: getattr(args, k) for k in ("n_agents", "episode_limit") if getattr(args, k) is not None}
-    if args.env_kwargs is None:
-        return env_kwargs
-    try:
-        extra = json.loads(args.env_kwargs)
-    except ValueError as e:
-        fail(f"--env-kwargs must be a JSON object such as '{{\"max_episode_steps\": 25}}': {e}")
-    if not isinstance(extra, dict):
-        fail(f"--env-kwargs must be a JSON object such as '{{\"max_episode_steps\": 25}}', got {args.env_kwargs!r}")
-    for key, flag in {**{k: "--" + k.replace("_", "-") for k in env_kwargs}, "num_envs": "--num-envs",
-                      "seed": "--seed", "device": "--cuda"}.items():
-        if key in extra:
-            fail(f"--env-kwargs sets {key!r}, which {flag} also sets: give it once")
-    return {**env_kwargs, **extra}
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_stop_signals() -> None:
-    """From now on Ctrl-C, SIGTERM and SIGUSR1 do nothing: nothing may interrupt the checkpoint save."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGUSR1 (what cluster schedulers send before preemption) stop training as Ctrl-C does:
-    KeyboardInterrupt, whose handler saves the checkpoint. The first one disarms all three."""
-
-    def stop(signum, frame):
-        ignore_stop_signals()
-        raise KeyboardInterrupt(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, stop)
-
-
 # --resume: besides the weights, a checkpoint's "continuation" holds what a run needs to go on: optimiser and
 # target-network states, RNG states, counters, the envs' episode counters and the reward statistics. Not the
 # replay buffer: a resumed run refills it with --learning-starts fresh env steps (and at least --batch-size
@@ -534,74 +442,12 @@ MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim"
 CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts", "norms")
 
 
-def read_resume_checkpoint(path: str, script: str = "mir3_qmix") -> dict:
-    """The checkpoint of --resume, or one line and exit 2 if it cannot continue a run of ``script``."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing file, pickle, zip or weights-only errors
-        fail(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})")
-    found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__
-    if found != script:
-        fail(f"--resume {path} is not a {script} checkpoint (script: {found!r}): resume it with its own script")
-    continuation = ckpt.get("continuation")
-    if not isinstance(continuation, dict) or any(k not in continuation for k in CONTINUATION_KEYS) \
-            or not isinstance(ckpt.get("args"), dict) or any(k not in ckpt["args"] for k in MODEL_FLAGS):
-        fail(f"--resume {path} holds no continuation state (saved before --resume existed?): it still loads for "
-             f"evaluation and attacks, but cannot be resumed")
-    return ckpt
-
-
-def resumed_args(path: str, ckpt: dict) -> Args:
-    """The flags of a resumed run: the checkpoint's, overridden by those on the command line, except the ones
-    that define the model and the env (MODEL_FLAGS): those must agree with the checkpoint."""
-    saved = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
-    args = tyro.cli(Args, default=Args(**{**saved, "resume": path}))  # parse again, with saved defaults
-    for name in MODEL_FLAGS:
-        if getattr(args, name) != saved[name]:
-            fail(f"--resume {path}: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
-                 f"{saved[name]} (flags that define the model or the env come from the checkpoint)")
-    return args
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type when the message is empty."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def rng_state(device) -> dict:
-    """The global RNG states: torch CPU, numpy, and CUDA when the run uses it (tensors and numbers only,
-    so that the checkpoint still loads with weights_only=True)."""
-    _, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "gauss": float(gauss)}}
-
-
-def set_rng_state(state: dict, device) -> None:
-    """Restore ``rng_state``; the CUDA generator only where both runs use CUDA."""
-    torch.set_rng_state(state["torch"])
-    saved = state["numpy"]
-    np.random.set_state(("MT19937", saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
-                         saved["gauss"]))
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def episodes_started(env) -> torch.Tensor:
-    """[E] how many episodes each env has played a step of. Our own envs draw an episode's randomness from its
-    number, so a resumed run sets ``episode_count`` to this before ``reset()``: it plays new episodes, and
-    where every episode had just ended the very ones the uninterrupted run would have played."""
-    return (env.episode_count - (env.t == 0).long()).cpu()
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     resumed = None
     if args.resume is not None:
-        resumed = read_resume_checkpoint(args.resume)
-        args = resumed_args(args.resume, resumed)
+        resumed = read_resume_checkpoint(args.resume, "mir3_qmix", CONTINUATION_KEYS, MODEL_FLAGS)
+        args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
         if resumed["global_step"] >= args.total_timesteps:
             fail(f"--resume {args.resume} is already at global_step={resumed['global_step']} >= --total-timesteps "
                  f"{args.total_timesteps}: raise --total-timesteps to continue it")
@@ -610,7 +456,7 @@ if __name__ == "__main__":
         family = args.env_id.partition(":")[0] + ":"
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, DEFAULT_MI_COEF.get(family, FALLBACK_MI_COEF))
     check_args(args)
-    env_kwargs = env_kwargs_of(args) if resumed is None else resumed["env_kwargs"]
+    env_kwargs = env_kwargs_of(args, example='{"max_episode_steps": 25}') if resumed is None else resumed["env_kwargs"]
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
     if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
