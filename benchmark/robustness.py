@@ -282,7 +282,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
         code, seconds = run_logged(train_cmd, log, threads)
         done = parse_training_log(open(log).read())
         if code != 0 or not done["checkpoint"]:
-            say(f"[{method} seed {seed}] training failed (exit {code}); see {log}")
+            say(f"[{method} seed {seed}] training {'stopped' if STOP.is_set() else 'failed'} (exit {code}); see {log}")
             return False
         train = {"command": quote(train_cmd), "checkpoint": done["checkpoint"], "wall_s": round(seconds, 1),
                  "evals": done["evals"]}
@@ -302,7 +302,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
             say(f"[{method} seed {seed}] attack {adversaries}: {quote(cmd)}")
             code, seconds = run_logged(cmd, os.path.splitext(report)[0] + ".log", threads)
             if code != 0 or not os.path.isfile(report):
-                say(f"[{method} seed {seed}] attack {adversaries} failed (exit {code})")
+                say(f"[{method} seed {seed}] attack {adversaries} {'stopped' if STOP.is_set() else 'failed'} (exit {code})")
                 return False
             with open(report + ".wall", "w") as f:
                 f.write(f"{seconds:.1f}")
