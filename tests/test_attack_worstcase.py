@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import attack_worstcase as aw
 import envs
-from helpers import ROOT, only
+from helpers import ROOT, only, run_in_process
 from helpers import run_script as run
 
 # training scripts whose checkpoints are attacked; add a name here and a line in TINY_TRAIN
@@ -213,8 +213,9 @@ def bad_files(tmp_path, small_defender):
 ], ids=["missing", "corrupt", "not-a-dict", "unknown-script", "script-os", "env-mismatch", "adversary-index",
         "num-adversaries", "scripted-kind"])
 def test_bad_input_exits_with_one_clear_line(bad_files, small_defender, args, message):
-    proc = run("attack_worstcase", bad_files, *[small_defender if a == "GOOD" else a for a in args],
-               "--total-timesteps", "0", check=False)
+    # in this process (seconds saved per case); test_known_script_that_is_not_present refuses in a real subprocess
+    proc = run_in_process("attack_worstcase", bad_files, *[small_defender if a == "GOOD" else a for a in args],
+                          "--total-timesteps", "0", check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -22,6 +22,7 @@ from test_mi_penalty import TESTS
 from test_mir3_qmix import check_diverged, check_first_stop_signal_disarms_the_next, start, stop_with
 
 run_script = functools.partial(helpers.run_script, "ibal_qmix")
+run_in_process = functools.partial(helpers.run_in_process, "ibal_qmix")
 checkpoint_of = functools.partial(helpers.checkpoint_of, exp_name="ibal_qmix")
 
 # flags shared with mir3_qmix.py (the K = 0 comparison runs both scripts with exactly these) ...
@@ -410,7 +411,8 @@ def test_attack_worstcase_runs_interaction_breaking_and_dis_k(rendezvous_runs, t
         "mask-dims", "unknown-env", "box-actions"])
 def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     """Bad flags exit with code 2 and one 'error:' line on stderr, no traceback, no run directory."""
-    proc = run_script(tmp_path, *args, check=False)
+    # in this process (seconds saved per case); the replay buffer test below refuses in a real subprocess
+    proc = run_in_process(tmp_path, *args, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

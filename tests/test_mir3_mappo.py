@@ -27,6 +27,7 @@ TINY = ["--total-timesteps", "128", "--num-envs", "4", "--num-steps", "16", "--n
 
 
 run_script = functools.partial(helpers.run_script, "mir3_mappo")
+run_in_process = functools.partial(helpers.run_in_process, "mir3_mappo")
 checkpoint_of = functools.partial(helpers.checkpoint_of, exp_name="mir3_mappo")
 
 
@@ -106,7 +107,8 @@ def test_determinism(tmp_path):
     (["--env-kwargs", '{"seed": 3}'], "--env-kwargs sets 'seed', which --seed also sets"),
 ])
 def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
-    proc = run_script(tmp_path, *args, check=False)
+    # in this process (seconds saved per case); the rollout storage test below refuses in a real subprocess
+    proc = run_in_process(tmp_path, *args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -3,6 +3,7 @@ directory that cannot be created are refused at start-up with one line (exit 2).
 
 import pytest
 
+from helpers import run_in_process
 from helpers import run_script as run
 
 SCRIPTS = ["mir3_maddpg", "mir3_qmix", "mir3_mappo", "ibal_qmix"]
@@ -11,7 +12,8 @@ SCRIPTS = ["mir3_maddpg", "mir3_qmix", "mir3_mappo", "ibal_qmix"]
 @pytest.mark.parametrize("script, name", [(script, "a/../b") for script in SCRIPTS]
                          + [("mir3_maddpg", ""), ("mir3_maddpg", "x" * 101)])
 def test_bad_exp_name_is_refused(tmp_path, script, name):
-    proc = run(script, tmp_path, "--exp-name", name, "--total-timesteps", "1000", check=False)
+    # in this process (seconds saved per case); the test below refuses in a real subprocess
+    proc = run_in_process(script, tmp_path, "--exp-name", name, "--total-timesteps", "1000", check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: --exp-name must be 1-100 characters")
     assert len(proc.stderr.strip().splitlines()) == 1
