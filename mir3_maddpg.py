@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 import envs
 from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
                      ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, resumed_args, rng_state,
-                     set_rng_state, stop_on_signals)
+                     restore_episode_counts, set_rng_state, stop_on_signals)
 
 # λ per env id (README, "λ sweep"); other ids fall back by action type: a Gaussian CLUB grows like
 # Σ_d var(a_d)/σ_d² (hundreds of nats for 20 action dims), a factorised categorical one stays below N·log A
@@ -638,10 +638,7 @@ if __name__ == "__main__":
             global_step, updates, credit = resumed["global_step"], counters["updates"], counters["credit"]
             last_save, last_eval, last_log = counters["last_save"], counters["last_eval"], counters["last_log"]
             recent_returns = list(resumed["continuation"]["recent_returns"])
-            for batch_env, started in ((env, resumed["continuation"]["episode_counts"]["env"]),
-                                       (eval_env, resumed["continuation"]["episode_counts"]["eval_env"])):
-                n = min(batch_env.num_envs, len(started))  # envs beyond the saved ones start at episode 1
-                batch_env.episode_count[:n] = started[:n].to(batch_env.device)
+            restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
         for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr), (club_opt, args.club_lr)):

@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 import envs
 from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
                      ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, resumed_args, rng_state,
-                     set_rng_state, stop_on_signals)
+                     restore_episode_counts, set_rng_state, stop_on_signals)
 
 # λ per env id, or per family ("lbf:"), from the short sweep documented in README; else the fallback.
 # λ is in reward units. Î of a factorised categorical is at most N·log A nats per step (3.6 for 2
@@ -649,10 +649,7 @@ if __name__ == "__main__":
             norms = resumed["continuation"]["norms"]  # the running reward statistics of the standardisation
             reward_mean, reward_var = norms["reward_mean"].to(device), norms["reward_var"].to(device)
             reward_count = float(norms["reward_count"])
-            for batch_env, started in ((env, resumed["continuation"]["episode_counts"]["env"]),
-                                       (eval_env, resumed["continuation"]["episode_counts"]["eval_env"])):
-                n = min(batch_env.num_envs, len(started))  # envs beyond the saved ones start at episode 1
-                batch_env.episode_count[:n] = started[:n].to(batch_env.device)
+            restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
         for name, opt in optimizers.items():

@@ -172,3 +172,12 @@ def episodes_started(env) -> torch.Tensor:
     number, so a resumed run sets ``episode_count`` to this before ``reset()``: it plays new episodes, and
     where every episode had just ended the very ones the uninterrupted run would have played."""
     return (env.episode_count - (env.t == 0).long()).cpu()
+
+
+def restore_episode_counts(counts: dict, **batch_envs) -> None:
+    """Set each env's ``episode_count`` to what ``episodes_started`` saved under its name (``env=..., eval_env=...``);
+    envs beyond the saved ones start at episode 1."""
+    for name, batch_env in batch_envs.items():
+        started = counts[name]
+        n = min(batch_env.num_envs, len(started))
+        batch_env.episode_count[:n] = started[:n].to(batch_env.device)
