@@ -33,8 +33,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 import envs
 from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, resumed_args, rng_state,
-                     restore_episode_counts, set_rng_state, stop_on_signals)
+                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
+                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
 
 ATTACK_TYPES = ("obs", "act", "both")
 MASK_DIRECTIONS = ("both", "g1")
@@ -752,9 +752,6 @@ if __name__ == "__main__":
     if args.resume is not None:
         resumed = read_resume_checkpoint(args.resume, "ibal_qmix", CONTINUATION_KEYS, MODEL_FLAGS)
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-        if resumed["global_step"] >= args.total_timesteps:
-            fail(f"--resume {args.resume} is already at global_step={resumed['global_step']} >= --total-timesteps "
-                 f"{args.total_timesteps}: raise --total-timesteps to continue it")
     keep_freed_memory()
     check_args(args)
     env_kwargs = env_kwargs_of(args, example='{"max_episode_steps": 25}') if resumed is None else resumed["env_kwargs"]
@@ -868,40 +865,14 @@ if __name__ == "__main__":
                     "curriculum": {"p_max": schedule.p_max, "recent": schedule.recent, "warmup_steps": warmup_steps},
                     "recent_returns": recent_returns}}
 
-    def stop_if_not_finite(losses: dict, weights: bool) -> None:
-        """Stop the run (exit 1) with one line if a logged loss (the estimators' too), or with ``weights`` a
-        parameter, is NaN or inf.
-
-        Called on the latest losses after the gradient steps of every finished episode (they are floats
-        already) and with the weights at log time and before every save, so a diverged run never
-        overwrites a good checkpoint (the attacker's score table is saved too, so it is checked with them).
-        """
-        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
-        if weights:
-            nets = {"agent": agent, "mixer": mixer}
-            if breaker is not None:
-                nets.update(obs_model=breaker.obs_model, action_model=breaker.act_model)
-            bad += [f"{name} weights" for name, net in nets.items()
-                    if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
-            if breaker is not None and not bool(torch.isfinite(breaker.scores).all()):
-                bad.append("attacker scores")
-        if bad:
-            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
-                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
-            sys.exit(1)
+    watched = {"agent weights": agent, "mixer weights": mixer}  # checked for NaN/inf; the attacker's too
+    if breaker is not None:  # its score table is saved with the weights
+        watched.update({"obs_model weights": breaker.obs_model, "action_model weights": breaker.act_model,
+                        "attacker scores": breaker.scores})
 
     def save() -> str:
-        stop_if_not_finite(metrics, weights=True)
-        path = f"{run_dir}/{args.exp_name}.pt"
-        try:
-            torch.save(checkpoint(), path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-        except OSError as e:  # e.g. a full disk: say why and leave no half-written file behind
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
-            sys.exit(1)
-        return path
+        stop_if_not_finite(global_step, metrics, watched)
+        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", checkpoint())
 
     def update(batch) -> dict:
         # the QMIX loss, unchanged: the batch holds masked observations and executed actions, and
@@ -1039,10 +1010,10 @@ if __name__ == "__main__":
                         if updates % args.target_update_interval == 0:  # update the target network
                             target_agent.load_state_dict(agent.state_dict())
                             target_mixer.load_state_dict(mixer.state_dict())
-                    stop_if_not_finite(metrics, weights=False)
+                    stop_if_not_finite(global_step, metrics)
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
-                stop_if_not_finite(metrics, weights=True)
+                stop_if_not_finite(global_step, metrics, watched)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)

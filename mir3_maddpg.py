@@ -21,8 +21,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 import envs
 from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, resumed_args, rng_state,
-                     restore_episode_counts, set_rng_state, stop_on_signals)
+                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
+                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
 
 # λ per env id (README, "λ sweep"); other ids fall back by action type: a Gaussian CLUB grows like
 # Σ_d var(a_d)/σ_d² (hundreds of nats for 20 action dims), a factorised categorical one stays below N·log A
@@ -434,9 +434,6 @@ if __name__ == "__main__":
     if args.resume is not None:
         resumed = read_resume_checkpoint(args.resume, "mir3_maddpg", CONTINUATION_KEYS, MODEL_FLAGS)
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-        if resumed["global_step"] >= args.total_timesteps:
-            fail(f"--resume {args.resume} is already at global_step={resumed['global_step']} >= --total-timesteps "
-                 f"{args.total_timesteps}: raise --total-timesteps to continue it")
     keep_freed_memory()
     if args.batch_size is None:
         args.batch_size = 8 if args.rnn else 512
@@ -526,33 +523,11 @@ if __name__ == "__main__":
                     "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
                     "recent_returns": recent_returns}}
 
-    def stop_if_not_finite(losses: dict, weights: bool) -> None:
-        """Stop the run (exit 1) with one line if a logged loss, or with ``weights`` a parameter, is NaN or inf.
-
-        Called on the latest losses after every training step of the envs (they are floats already) and
-        with the weights at log time and before every save, so a diverged run never overwrites a good checkpoint.
-        """
-        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
-        if weights:
-            bad += [f"{name} weights" for name, net in (("actor", actor), ("critic", critic), ("club", club))
-                    if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
-        if bad:
-            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
-                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
-            sys.exit(1)
+    watched = {"actor weights": actor, "critic weights": critic, "club weights": club}  # checked for NaN/inf
 
     def save() -> str:
-        stop_if_not_finite(metrics, weights=True)
-        path = f"{run_dir}/{args.exp_name}.pt"
-        try:
-            torch.save(checkpoint(), path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-        except OSError as e:  # e.g. a full disk: say why and leave no half-written file behind
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
-            sys.exit(1)
-        return path
+        stop_if_not_finite(global_step, metrics, watched)
+        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", checkpoint())
 
     def explore(out, avail):
         """Exploratory env actions and critic-ready actions (one-hot or in [-1, 1]) from actor outputs."""
@@ -690,10 +665,10 @@ if __name__ == "__main__":
                     metrics.update(update(batch))
                     credit -= float(batch["mask"].sum())
                     updates += 1
-                stop_if_not_finite(metrics, weights=False)
+                stop_if_not_finite(global_step, metrics)
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
-                stop_if_not_finite(metrics, weights=True)
+                stop_if_not_finite(global_step, metrics, watched)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
                 sps = int((global_step - start_step) / (time.time() - start_time))

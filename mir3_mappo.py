@@ -25,8 +25,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 import envs
 from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, resumed_args, rng_state,
-                     restore_episode_counts, set_rng_state, stop_on_signals)
+                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
+                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
 
 # λ per env. MIR3 subtracts λ·Î from the per-step team reward, so λ is chosen against the reward scale
 # (paper Fig. 8: too large a λ collapses both cooperation and robustness). Rendezvous: reward about
@@ -414,9 +414,6 @@ if __name__ == "__main__":
     if args.resume is not None:
         resumed = read_resume_checkpoint(args.resume, "mir3_mappo", CONTINUATION_KEYS, MODEL_FLAGS)
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-        if resumed["global_step"] >= args.total_timesteps:
-            fail(f"--resume {args.resume} is already at global_step={resumed['global_step']} >= --total-timesteps "
-                 f"{args.total_timesteps}: raise --total-timesteps to continue it")
     keep_freed_memory()
     if args.mi_coef is None:
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF)
@@ -505,32 +502,13 @@ if __name__ == "__main__":
                     "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
                     "recent_returns": recent_returns}}
 
-    def stop_if_not_finite(losses: dict) -> None:
-        """Stop the run (exit 1) with one line if a loss or a parameter is NaN or inf (checked on every
-        minibatch's loss before its step, after every update and before every save), so a diverged run
-        never overwrites a good checkpoint."""
-        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
-        bad += [f"{name} weights" for name, net in (("actor", actor), ("critic", critic), ("club", club))
-                if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
-        if bad:
-            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
-                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
-            sys.exit(1)
+    watched = {"actor weights": actor, "critic weights": critic, "club weights": club}  # checked for NaN/inf
 
     def save() -> str:
         """Write ``boundary``, the state after the last completed update: a stop during a rollout or an
         update loses that iteration, and the checkpoint can be resumed exactly where it was taken."""
-        stop_if_not_finite(losses)
-        path = f"{run_dir}/{args.exp_name}.pt"
-        try:
-            torch.save(boundary, path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-        except OSError as e:  # e.g. a full disk: say why and leave no half-written file behind
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
-            sys.exit(1)
-        return path
+        stop_if_not_finite(global_step, losses, watched)
+        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", boundary)
 
     def distribution(out, avail):
         if discrete:
@@ -675,8 +653,9 @@ if __name__ == "__main__":
 
                     loss = pg_loss - ent_coef * entropy.mean() + args.vf_coef * v_loss
                     if not math.isfinite(loss.item()):  # stop before a non-finite step reaches the weights
-                        stop_if_not_finite({"losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
-                                            "losses/entropy": entropy.mean().item()})
+                        stop_if_not_finite(global_step, {"losses/policy_loss": pg_loss.item(),
+                                                         "losses/value_loss": v_loss.item(),
+                                                         "losses/entropy": entropy.mean().item()}, watched)
                     # optimize the model
                     optimizer.zero_grad()
                     loss.backward()
@@ -690,7 +669,7 @@ if __name__ == "__main__":
                            "losses/entropy": entropy.mean().item(),
                            "losses/approx_kl": torch.stack(approx_kls).mean().item(),
                            "losses/clipfrac": torch.stack(clipfracs).mean().item()})
-            stop_if_not_finite(losses)
+            stop_if_not_finite(global_step, losses, watched)
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             for k, v in losses.items():
                 writer.add_scalar(k, v, global_step)

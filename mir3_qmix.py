@@ -29,8 +29,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 import envs
 from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, resumed_args, rng_state,
-                     restore_episode_counts, set_rng_state, stop_on_signals)
+                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
+                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
 
 # λ per env id, or per family ("lbf:"), from the short sweep documented in README; else the fallback.
 # λ is in reward units. Î of a factorised categorical is at most N·log A nats per step (3.6 for 2
@@ -448,9 +448,6 @@ if __name__ == "__main__":
     if args.resume is not None:
         resumed = read_resume_checkpoint(args.resume, "mir3_qmix", CONTINUATION_KEYS, MODEL_FLAGS)
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-        if resumed["global_step"] >= args.total_timesteps:
-            fail(f"--resume {args.resume} is already at global_step={resumed['global_step']} >= --total-timesteps "
-                 f"{args.total_timesteps}: raise --total-timesteps to continue it")
     keep_freed_memory()
     if args.mi_coef is None:
         family = args.env_id.partition(":")[0] + ":"
@@ -551,35 +548,11 @@ if __name__ == "__main__":
                     "norms": {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count},
                     "recent_returns": recent_returns}}
 
-    def stop_if_not_finite(losses: dict, weights: bool) -> None:
-        """Stop the run (exit 1) with one line if a logged loss, or with ``weights`` a parameter, is NaN or inf.
-
-        Called on the latest losses after the gradient steps of every finished episode (they are floats
-        already) and with the weights at log time and before every save, so a diverged run never
-        overwrites a good checkpoint.
-        """
-        bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
-        if weights:
-            nets = {"agent": agent, "mixer": mixer, **({"club": club} if args.mi_coef > 0 else {})}
-            bad += [f"{name} weights" for name, net in nets.items()
-                    if not all(bool(torch.isfinite(p).all()) for p in net.parameters())]
-        if bad:
-            print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
-                  f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
-            sys.exit(1)
+    watched = {"agent weights": agent, "mixer weights": mixer, **({"club weights": club} if args.mi_coef > 0 else {})}
 
     def save() -> str:
-        stop_if_not_finite(metrics, weights=True)
-        path = f"{run_dir}/{args.exp_name}.pt"
-        try:
-            torch.save(checkpoint(), path + ".tmp")
-            os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-        except OSError as e:  # e.g. a full disk: say why and leave no half-written file behind
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
-            sys.exit(1)
-        return path
+        stop_if_not_finite(global_step, metrics, watched)
+        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", checkpoint())
 
     def update(batch) -> dict:
         mask, avail = batch["mask"], batch["avail"]
@@ -709,10 +682,10 @@ if __name__ == "__main__":
                         if updates % args.target_update_interval == 0:  # update the target network
                             target_agent.load_state_dict(agent.state_dict())
                             target_mixer.load_state_dict(mixer.state_dict())
-                    stop_if_not_finite(metrics, weights=False)
+                    stop_if_not_finite(global_step, metrics)
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
-                stop_if_not_finite(metrics, weights=True)
+                stop_if_not_finite(global_step, metrics, watched)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
                 writer.add_scalar("charts/epsilon", epsilon, global_step)

@@ -6,6 +6,7 @@ Shared by mir3_maddpg.py, mir3_qmix.py, mir3_mappo.py, ibal_qmix.py and attack_w
 
 import ctypes
 import json
+import math
 import os
 import signal
 import sys
@@ -144,7 +145,40 @@ def resumed_args(path: str, ckpt: dict, args_class, model_flags: tuple):
         if getattr(args, name) != saved[name]:
             fail(f"--resume {path}: --{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's "
                  f"{saved[name]} (flags that define the model or the env come from the checkpoint)")
+    if ckpt["global_step"] >= args.total_timesteps:
+        fail(f"--resume {path} is already at global_step={ckpt['global_step']} >= --total-timesteps "
+             f"{args.total_timesteps}: raise --total-timesteps to continue it")
     return args
+
+
+def stop_if_not_finite(global_step: int, losses: dict, watched: Optional[dict] = None) -> None:
+    """Stop the run (exit 1) with one line if a logged loss, or a module's parameter or a tensor in ``watched``
+    ({"actor weights": actor, ...}), is NaN or inf. The scripts check their latest losses after training steps,
+    and the weights too at log time and before every save, so a diverged run never overwrites a good checkpoint."""
+
+    def finite(x):
+        return all(bool(torch.isfinite(p).all()) for p in (x.parameters() if isinstance(x, torch.nn.Module) else [x]))
+
+    bad = [f"{k} = {v}" for k, v in losses.items() if not math.isfinite(v)]
+    bad += [label for label, x in (watched or {}).items() if not finite(x)]
+    if bad:
+        print(f"error: training diverged at global_step={global_step}: {', '.join(bad)} not finite; stopped "
+              f"without saving (an earlier checkpoint stays as it was)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def save_checkpoint(path: str, ckpt: dict) -> str:
+    """Write ``ckpt`` to ``path`` atomically (a crash never leaves a half-written checkpoint); on an OS error
+    (a full disk) say why in one line, remove the temporary file and exit 1."""
+    try:
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        print(f"error: cannot save the checkpoint {path} ({e.strerror or e})", file=sys.stderr, flush=True)
+        sys.exit(1)
+    return path
 
 
 def rng_state(device) -> dict:
