@@ -27,7 +27,8 @@ middle 50% of runs) with 95% percentile-bootstrap intervals over runs, and for e
 the baseline the probability of improvement P(X > Y) (the Mann-Whitney statistic, ties count 1/2)
 with a bootstrap interval that resamples both methods' runs independently; the same for the drop
 from the natural return. These are rliable's definitions (Agarwal et al., NeurIPS 2021) for one task.
-It writes ``summary.json``, ``summary.md`` (the tables README shows) and ``summary.png``.
+It writes ``summary.json``, ``summary.md`` (the tables README shows), ``summary.png`` and ``curves.png``
+(the training runs' evaluations).
 """
 
 import argparse
@@ -417,7 +418,7 @@ def run_scores(result: dict, adversary_sets: list) -> dict:
 def aggregate(spec: dict) -> dict:
     """Scores of every finished run and the statistics across them."""
     folder = os.path.join("results", spec["name"])
-    scores, seeds, cost, stale = {}, {}, {"train_s": 0.0, "attack_s": 0.0}, []
+    scores, seeds, evals, cost, stale = {}, {}, {}, {"train_s": 0.0, "attack_s": 0.0}, []
     for method, seed in units(spec):
         path = result_path(spec, method, seed)
         state = result_state(spec, method, seed)
@@ -431,6 +432,7 @@ def aggregate(spec: dict) -> dict:
         for cond, value in s.items():
             scores.setdefault(method, {}).setdefault(cond, []).append(value)
         seeds.setdefault(method, []).append(seed)
+        evals.setdefault(method, []).append(result["train"].get("evals") or [])
         cost["train_s"] += result["train"]["wall_s"]
         cost["attack_s"] += sum(a["wall_s"] for a in result["attacks"])
     base = spec["baseline"]
@@ -461,7 +463,19 @@ def aggregate(spec: dict) -> dict:
             table[method][cond] = entry
     return {"experiment": spec["name"], "baseline": base, "seeds": seeds, "conditions": conditions,
             "cost_s": {k: round(v) for k, v in cost.items()}, "bootstrap_reps": BOOTSTRAP_REPS, "stale_skipped": stale,
-            "methods": table, "folder": folder}
+            "methods": table, "curves": {m: learning_curve(runs) for m, runs in evals.items()}, "folder": folder}
+
+
+def learning_curve(runs: list) -> dict:
+    """The greedy evaluations of a method's training runs ([(step, return, success), ...] each) at the steps that
+    every run evaluated: mean, min and max of the return and the success rate across runs."""
+    steps = sorted(set.intersection(*[{e[0] for e in run} for run in runs]))
+    curve = {"steps": steps}
+    for i, name in ((1, "return"), (2, "success")):
+        at = np.array([[dict((e[0], e[i]) for e in run)[s] for s in steps] for run in runs], dtype=float)
+        curve.update({f"{name}_mean": at.mean(0).tolist(), f"{name}_min": at.min(0).tolist(),
+                      f"{name}_max": at.max(0).tolist()} if steps else {})
+    return curve
 
 
 def markdown(summary: dict) -> str:
@@ -496,10 +510,24 @@ def markdown(summary: dict) -> str:
             d = summary["methods"][m].get(cond, {}).get("drop")
             row.append(f"{d['p_smaller']:.2f}" if d and "p_smaller" in d else "–")
         lines.append("| " + " | ".join(row) + " |")
+    curves = {m: c for m, c in summary.get("curves", {}).items() if c["steps"]}
+    if curves:
+        lines += ["", "Training: greedy evaluation return and success rate during training (mean over runs, [min, max]):",
+                  "", "| env steps | " + " | ".join(curves) + " |", "|" + "---|" * (1 + len(curves))]
+        steps = sorted(set.union(*[set(c["steps"]) for c in curves.values()]))
+        shown = sorted({steps[round(i * (len(steps) - 1) / 9)] for i in range(10)}) if len(steps) > 10 else steps
+        for step in shown:
+            row = [f"{step:,}"]
+            for c in curves.values():
+                i = c["steps"].index(step) if step in c["steps"] else None
+                row.append("–" if i is None else f"{c['return_mean'][i]:.2f} [{c['return_min'][i]:.2f}, "
+                           f"{c['return_max'][i]:.2f}], success {c['success_mean'][i]:.2f}")
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: str) -> None:
+def plot(summary: dict, folder: str) -> None:
+    """``summary.png``: the scores per condition and method; ``curves.png``: the training curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,7 +551,23 @@ def plot(summary: dict, path: str) -> None:
     ax.set_title(summary["experiment"])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(os.path.join(folder, "summary.png"), dpi=100)
+    plt.close(fig)
+    curves = {m: c for m, c in summary.get("curves", {}).items() if c["steps"]}
+    if not curves:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m, c in curves.items():
+        for ax, name in zip(axes, ("return", "success")):
+            line, = ax.plot(c["steps"], c[f"{name}_mean"], label=f"{m} (n={len(summary['seeds'][m])})")
+            ax.fill_between(c["steps"], c[f"{name}_min"], c[f"{name}_max"], color=line.get_color(), alpha=0.2)
+    for ax, label in zip(axes, ("greedy evaluation return", "success rate")):
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(f"{label} (mean, min-max over runs)")
+    axes[0].set_title(f"{summary['experiment']}: training")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "curves.png"), dpi=100)
     plt.close(fig)
 
 
@@ -538,12 +582,13 @@ def cmd_aggregate(spec: dict, make_plot: bool = True) -> int:
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write(text)
     if make_plot:
-        plot(summary, os.path.join(folder, "summary.png"))
+        plot(summary, folder)
     print(text)
     for path in summary["stale_skipped"]:
         print(f"skipped {path}: made with other commands than the experiment's now (run the experiment to redo it)")
     print(f"cost: {summary['cost_s']['train_s'] / 60:.1f} min training, {summary['cost_s']['attack_s'] / 60:.1f} min "
-          f"attacks (sum over units); written to {summary['folder']}/summary.{{json,md{',png' if make_plot else ''}}}")
+          f"attacks (sum over units); written to {summary['folder']}/summary.{{json,md{',png' if make_plot else ''}}}"
+          f"{' and curves.png' if make_plot and any(c['steps'] for c in summary['curves'].values()) else ''}")
     return 0
 
 

@@ -94,7 +94,10 @@ def fake_result(spec, method, seed, natural, worst):
 
     attacks = [attack(0, [0], worst[0]), attack(1, [1], worst[1]), attack(2, [0, 2], worst[2]),
                attack(3, [5], -1000.0)]  # not in the spec: ignored
-    train = {"wall_s": 10.0, "key": robustness.key(robustness.train_command(spec, method, seed))}
+    train = {"wall_s": 10.0, "key": robustness.key(robustness.train_command(spec, method, seed)),
+             # evaluations at 100 and 200 steps; seed 2 also at 150 (not every run has it: left out of the curve)
+             "evals": [[100, natural - 5, 0.0], *([[150, natural - 3, 0.2]] if seed == 2 else []),
+                       [200, natural, 0.5 * seed]]}
     return {"method": method, "seed": seed, "train": train, "attacks": attacks}
 
 
@@ -135,10 +138,15 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
     # drops: plain 11, 13; mir3 3, 3.5 -> every mir3 drop is smaller
     assert mir3["worstcase_k1"]["drop"]["p_smaller"] == pytest.approx(1.0)
     assert summary["cost_s"] == {"train_s": 40, "attack_s": 16}
+    # training curves: plain's naturals are -10 (seed 1) and -12 (seed 2), success 0.5 and 1.0 at the end
+    assert summary["curves"]["plain"] == {"steps": [100, 200], "return_mean": [-16.0, -11.0], "return_min": [-17.0, -12.0],
+                                          "return_max": [-15.0, -10.0], "success_mean": [0.0, 0.75],
+                                          "success_min": [0.0, 0.5], "success_max": [0.0, 1.0]}
     assert robustness.cmd_aggregate(spec, make_plot=True) == 0
     md = open("results/tiny/summary.md").read()
     assert "| worstcase_k1 | -23.00" in md and "P(mir3 > plain)" in md
-    assert os.path.getsize("results/tiny/summary.png") > 1000
+    assert os.path.getsize("results/tiny/summary.png") > 1000 and os.path.getsize("results/tiny/curves.png") > 1000
+    assert "| 200 | -11.00 [-12.00, -10.00], success 0.75 | -8.50 [-9.00, -8.00], success 0.75 |" in md
     assert json.load(open("results/tiny/summary.json"))["methods"]["mir3"]["dis_1"]["runs"] == [-10.0, -11.0]
 
 
