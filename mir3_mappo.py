@@ -24,28 +24,33 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
-from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
-                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
+from runtime import (
+    action_space_dict,
+    check_fits,
+    check_writable,
+    env_kwargs_of,
+    episodes_started,
+    fail,
+    first_line,
+    ignore_stop_signals,
+    keep_freed_memory,
+    read_resume_checkpoint,
+    restore_episode_counts,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_if_not_finite,
+    stop_on_signals,
+)
 
-# λ per env. MIR3 subtracts λ·Î from the per-step team reward, so λ is chosen against the reward scale
-# (paper Fig. 8: too large a λ collapses both cooperation and robustness). Rendezvous: reward about
-# -0.05 (good) to -0.35 (random) per step, Î a few nats; a sweep on 4 agents x 50 steps (64k env
-# steps, seed 1) gave eval returns -11.5 / -10.1 / -10.2 / -13.1 for λ = 0 / 0.01 / 0.1 / 1, so 0.01
-# is a factor 100 below the collapse (mir3_maddpg needs a far smaller λ: its fixed 0.1 exploration
-# noise makes its Gaussian Î hundreds of nats). Quads (motors): reward about +0.005
-# (hovering at the goal) to -0.02 per step; a Gaussian CLUB on the N·4 motor commands gives Î of about
-# 6 nats after 1M steps and 16 after 5M (a run of the default task), growing as the policy std shrinks (Î grows
-# like Σ_d var(a_d)/σ²); λ = 1e-4 keeps λ·Î (≤ 0.002) small against the reward differences between
-# hovering and drifting (~0.01 per step). Other envs (discrete) use the paper's λ for SMAC (5e-4).
+# λ per env id, chosen against its reward scale (README, `mir3_mappo.py` section, "Default λ"); any other env
+# (the discrete variants included) takes the paper's SMAC value
 DEFAULT_MI_COEF = {"quads-same-goal": 1e-4, "quads-swarm-vs-swarm": 1e-4, "rendezvous": 0.01}
 FALLBACK_MI_COEF = 5e-4
 MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
-# env options used when --n-agents / --episode-limit are not given: a small swarm and 4 s episodes
-# for the motor-control quads (the env's own defaults are 8 drones and 15 s = 1500 steps). Motor
-# control also relies on the running obs/state normalisation (--norm-obs; the raw features mix
-# metres, m/s, rotation entries and rad/s) and a small initial policy std (--init-log-std -1: the
-# zero action is about hover, and std 1 on raw motor commands just tumbles the drones)
+# env options when --n-agents / --episode-limit are not given: a small swarm and 4 s episodes for the motor-control
+# quads (README, `mir3_mappo.py` section)
 DEFAULT_ENV_KWARGS = {"quads-same-goal": {"n_agents": 2, "episode_limit": 400},
                       "quads-swarm-vs-swarm": {"n_agents": 4, "episode_limit": 400}}
 
@@ -134,10 +139,6 @@ class Args:
     """episodes per evaluation (run in parallel)"""
 
 
-def one_hot_ids(n_agents: int, device) -> torch.Tensor:
-    return torch.eye(n_agents, device=device)
-
-
 def with_ids(obs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Append the one-hot agent id to observations [..., N, D]."""
     return torch.cat((obs, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
@@ -150,11 +151,8 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
 
 
 class RunningNorm(nn.Module):
-    """Running mean/variance (parallel Welford); buffers, so they travel in the state_dict.
-
-    ``active=False`` (--no-norm-obs) passes inputs through unchanged, without the ±clip that would
-    otherwise cut raw quadrotor body rates or large grid coordinates.
-    """
+    """Running mean/variance (parallel Welford) in buffers, so they travel in the state_dict. ``active=False``
+    (--no-norm-obs) passes inputs through unchanged, without the ±clip that would cut raw body rates or coordinates."""
 
     def __init__(self, dim: int, clip: float = 10.0, active: bool = True):
         super().__init__()
@@ -189,7 +187,7 @@ class Actor(nn.Module):
         super().__init__()
         self.hidden_dim, self.is_rnn = hidden_dim, rnn
         self.obs_norm = RunningNorm(obs_dim, active=norm_obs)
-        self.register_buffer("ids", one_hot_ids(n_agents, "cpu"))
+        self.register_buffer("ids", torch.eye(n_agents))
         self.fc1 = layer_init(nn.Linear(obs_dim + n_agents, hidden_dim))
         self.core = nn.GRUCell(hidden_dim, hidden_dim) if rnn else layer_init(nn.Linear(hidden_dim, hidden_dim))
         self.out = layer_init(nn.Linear(hidden_dim, out_dim), std=0.01)
@@ -206,14 +204,24 @@ class Actor(nn.Module):
         return self.out(torch.tanh(self.core(z))), None
 
     def unroll(self, obs, h0, first):
-        """Outputs for sequences obs [T, B, N, D] from hidden h0 [B, N, H]; rows with first [T, B] restart at 0."""
-        if not self.is_rnn:
-            return self(obs)[0]
+        """GRU outputs for sequences obs [T, B, N, D] from hidden h0 [B, N, H]; rows with first [T, B] restart at 0."""
         h, outs = h0, []
         for t in range(obs.shape[0]):
             o, h = self(obs[t], h * (~first[t]).view(-1, 1, 1))
             outs.append(o)
         return torch.stack(outs)
+
+    def get_action(self, out, avail, action=None):
+        """Sample an action from the outputs ``out`` (or score the given one): action, log-prob and entropy per agent."""
+        if self.log_std is None:  # categorical over the available actions
+            dist = torch.distributions.Categorical(logits=out.masked_fill(~avail, -1e10))
+        else:
+            dist = torch.distributions.Normal(out, self.log_std.exp().expand_as(out))
+        if action is None:
+            action = dist.sample()
+        if self.log_std is None:
+            return action, dist.log_prob(action.long()), dist.entropy()
+        return action, dist.log_prob(action).sum(-1), dist.entropy().sum(-1)
 
 
 class Critic(nn.Module):
@@ -372,32 +380,47 @@ def evaluate(policy: Policy, env) -> tuple:
 
 
 def check_args(args: Args) -> None:
-    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    """Refuse at start-up, in one line, flags that would fail late or make a silently wrong run."""
     if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
         fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    for name in ("num_envs", "num_steps", "total_timesteps", "num_minibatches", "update_epochs", "hidden_dim",
-                 "club_hidden_dim", "club_batch_size", "club_steps", "eval_episodes"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("eval_interval", "save_interval"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    minimum = dict.fromkeys(("num_envs", "num_steps", "total_timesteps", "num_minibatches", "update_epochs", "hidden_dim",
+                             "club_hidden_dim", "club_batch_size", "club_steps", "eval_episodes"), 1)
+    for name, low in {**minimum, "eval_interval": 0, "save_interval": 0}.items():
+        if getattr(args, name) < low:
+            fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
     if args.num_minibatches > args.num_envs * (1 if args.rnn else args.num_steps):
         fail(f"--num-minibatches ({args.num_minibatches}) must be <= --num-envs{'' if args.rnn else ' x --num-steps'}")
-    unit, positive, nonneg = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0"), \
-        (lambda v: v >= 0, "be >= 0")
-    for name, (ok, rule) in {"mi_coef": nonneg, "gamma": unit, "gae_lambda": unit, "learning_rate": positive,
-                             "club_lr": positive, "clip_coef": positive, "ent_coef": nonneg, "vf_coef": nonneg,
-                             "max_grad_norm": positive, "init_log_std": (math.isfinite, "be finite")}.items():
+    rules = {"be >= 0": lambda v: v >= 0, "be > 0": lambda v: v > 0, "lie in [0, 1]": lambda v: 0 <= v <= 1}
+    floats = {"mi_coef": "be >= 0", "gamma": "lie in [0, 1]", "gae_lambda": "lie in [0, 1]", "learning_rate": "be > 0",
+              "club_lr": "be > 0", "clip_coef": "be > 0", "ent_coef": "be >= 0", "vf_coef": "be >= 0",
+              "max_grad_norm": "be > 0", "init_log_std": None}
+    for name, rule in floats.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if value is None:  # --ent-coef: the default by action type
+        if value is None:  # --mi-coef, --ent-coef: the default of the env or action type
             continue
-        if not math.isfinite(value):
+        if not math.isfinite(value):  # NaN fails every comparison: nan > 0 is False, so λ = nan would be silently off
             fail(f"{flag} must be a finite number, got {value}")
-        if not ok(value):
+        if rule is not None and not rules[rule](value):
             fail(f"{flag} must {rule}, got {value}")
     if args.mi_estimator not in MI_ESTIMATORS:
         fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+
+
+def make_envs(args: Args, env_kwargs: dict, device, resumed: Optional[dict]) -> tuple:
+    """The training envs and the evaluation envs (seeds of their own). One line and exit 2 for an unknown env or
+    option, or for envs that no longer match the checkpoint of --resume (the env's code changed since)."""
+    try:
+        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device,
+                             **env_kwargs)
+    except (ValueError, ImportError) as e:
+        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    if resumed is not None:
+        for key, value in {"n_agents": env.n_agents, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
+                           "action_space": action_space_dict(env.action_space)}.items():
+            if resumed[key] != value:
+                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
+    return env, eval_env
 
 
 # --resume: besides the weights (with the running statistics of RunningNorm), a checkpoint's "continuation" holds
@@ -408,6 +431,21 @@ MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim"
 CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts")
 
 
+def restore(resumed: dict, path: str, models: dict, optimizers: dict, env, eval_env) -> tuple:
+    """Load the checkpoint of --resume into the nets, optimisers and envs; returns (last_save, last_eval, recent_returns)."""
+    try:
+        for name, net in models.items():
+            net.load_state_dict(resumed["models"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(resumed["continuation"]["optimizers"][name])
+        counters = resumed["continuation"]["counters"]
+        recent_returns = list(resumed["continuation"]["recent_returns"])
+        restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"--resume {path}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
+    return counters["last_save"], counters["last_eval"], recent_returns
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     resumed = None
@@ -415,16 +453,13 @@ if __name__ == "__main__":
         resumed = read_resume_checkpoint(args.resume, "mir3_mappo", CONTINUATION_KEYS, MODEL_FLAGS)
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
     keep_freed_memory()
-    if args.mi_coef is None:
-        args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF)
     check_args(args)
-    env_kwargs = env_kwargs_of(args, DEFAULT_ENV_KWARGS.get(args.env_id)) if resumed is None \
-        else resumed["env_kwargs"]
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = f"runs/{run_name}"
     if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
         run_dir = os.path.dirname(args.resume) or "."
         run_name = os.path.basename(os.path.abspath(run_dir))
+    env_kwargs = env_kwargs_of(args, DEFAULT_ENV_KWARGS.get(args.env_id)) if resumed is None else resumed["env_kwargs"]
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -432,50 +467,37 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    try:
-        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
-                             device=device, **env_kwargs)
-    except (ValueError, ImportError) as e:
-        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
-    N, discrete = env.n_agents, env.is_discrete
-    A = env.n_actions  # number of discrete actions, or action dim
+    env, eval_env = make_envs(args, env_kwargs, device, resumed)
+    N, discrete, A = env.n_agents, env.is_discrete, env.n_actions  # A: number of discrete actions, or action dim
     space = action_space_dict(env.action_space)
-    if resumed is not None:
-        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                           "action_space": space}.items():
-            if resumed[key] != value:  # the env's code changed since the checkpoint was written
-                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
-    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
-        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
+    args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF) if args.mi_coef is None else args.mi_coef
+    ent_coef = args.ent_coef if args.ent_coef is not None else (0.01 if discrete else 0.0)
     E, T = args.num_envs, args.num_steps
     # iterations already done + those that fit in the steps still to go (a fresh run: total // (E * T))
     done_iterations = resumed["continuation"]["counters"]["iteration"] if resumed is not None else 0
     start_step = resumed["global_step"] if resumed is not None else 0
     num_iterations = done_iterations + max(1, (args.total_timesteps - start_step) // (E * T))
-    ent_coef = args.ent_coef if args.ent_coef is not None else (0.01 if discrete else 0.0)
-    # refuse rollout storage (the buffers of "Storage setup" below) that cannot fit, before building anything:
-    # obs, state and final state, avail, actions, log-probs, reward, term and done (float32: 4, bool: 1)
+    # refuse a rollout storage (below) that cannot fit: obs, states, avail, actions, log-probs, reward, term, done
     check_fits(T * E * (4 * N * env.obs_dim + 8 * env.state_dim + N * A + 4 * N * (1 if discrete else A) + 4 * N + 9),
                f"--num-steps {T} x --num-envs {E} with {N} agents (obs {env.obs_dim})", "the rollout storage",
                "lower --num-steps or --num-envs", device)
-
+    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
+        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: initialize agent here
-    actor = Actor(env.obs_dim, N, A, args.hidden_dim, args.rnn, discrete, args.init_log_std,
-                  args.norm_obs).to(device)
+    actor = Actor(env.obs_dim, N, A, args.hidden_dim, args.rnn, discrete, args.init_log_std, args.norm_obs).to(device)
     critic = Critic(env.state_dim, args.hidden_dim, args.norm_obs).to(device)
+    # built at λ = 0 too: its initialisation draws from the RNG, and every committed λ = 0 result was made with that draw
     club = CLUB(env.state_dim, N, A, discrete, args.club_hidden_dim).to(device)
+    models = {"actor": actor, "critic": critic, "club": club}
     params = list(actor.parameters()) + list(critic.parameters())
     optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5)
     club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
     optimizers = {"actor_critic": optimizer, "club": club_opt}
     greedy = Policy(actor, N, discrete, space.get("low"), space.get("high"))
-    if not discrete:
-        act_scale, act_bias = greedy.scale, greedy.bias
 
     # ALGO Logic: Storage setup (its size is checked above)
     obs_buf = torch.zeros(T, E, N, env.obs_dim, device=device)
@@ -489,52 +511,26 @@ if __name__ == "__main__":
     done_buf = torch.zeros(T, E, dtype=torch.bool, device=device)
 
     def checkpoint() -> dict:
-        """The run's state after its last completed update (``iteration``), at a rollout boundary."""
-        return {"script": "mir3_mappo", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
-                "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                "action_space": space, "global_step": global_step,
-                "models": {"actor": actor.state_dict(), "critic": critic.state_dict(), "club": club.state_dict()},
-                "continuation": {  # what --resume needs; RunningNorm's statistics are in the models
-                    "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
-                    "targets": {},  # (no target networks)
-                    "rng": rng_state(device),
-                    "counters": {"iteration": iteration, "last_save": last_save, "last_eval": last_eval},
-                    "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
-                    "recent_returns": recent_returns}}
+        """A copy of the run's state now (the nets and optimisers change in place), taken after each update."""
+        return copy.deepcopy({
+            "script": "mir3_mappo", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
+            "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space,
+            "global_step": global_step, "models": {name: net.state_dict() for name, net in models.items()},
+            "continuation": {  # what --resume needs; RunningNorm's statistics are in the models
+                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "targets": {},  # (no target networks)
+                "rng": rng_state(device),
+                "counters": {"iteration": iteration, "last_save": last_save, "last_eval": last_eval},
+                "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
+                "recent_returns": recent_returns}})
 
-    watched = {"actor weights": actor, "critic weights": critic, "club weights": club}  # checked for NaN/inf
+    watched = {f"{name} weights": net for name, net in models.items()}  # checked for NaN/inf
 
     def save() -> str:
-        """Write ``boundary``, the state after the last completed update: a stop during a rollout or an
-        update loses that iteration, and the checkpoint can be resumed exactly where it was taken."""
+        """Write ``boundary``, the state after the last completed update: a stop during a rollout or an update loses
+        that iteration, and --resume continues exactly at that rollout boundary. Never a diverged run's state."""
         stop_if_not_finite(global_step, losses, watched)
         return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", boundary)
-
-    def distribution(out, avail):
-        if discrete:
-            return torch.distributions.Categorical(logits=out.masked_fill(~avail, -1e10))
-        return torch.distributions.Normal(out, actor.log_std.exp().expand_as(out))
-
-    def log_prob_entropy(dist, actions):
-        if discrete:
-            return dist.log_prob(actions.long()), dist.entropy()
-        return dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
-
-    def club_actions(actions):
-        """Joint action as CLUB sees it: one-hots [B, N, A] or the executed (clipped) Gaussian sample."""
-        return F.one_hot(actions.long(), A).float() if discrete else actions.clamp(-1.0, 1.0)
-
-    def mi_penalty(states, actions) -> tuple:
-        """Fit q(a|s) on this rollout for a few steps, then pointwise Î [B] (no gradient)."""
-        a = club_actions(actions)
-        for _ in range(args.club_steps):
-            idx = torch.randint(states.shape[0], (args.club_batch_size,), device=device)
-            club_loss = club.learning_loss(states[idx], a[idx])
-            club_opt.zero_grad()
-            club_loss.backward()
-            club_opt.step()
-        with torch.no_grad():
-            return club.mi(states, a, args.mi_estimator), club_loss.item()
 
     # TRY NOT TO MODIFY: start the game
     print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
@@ -543,26 +539,16 @@ if __name__ == "__main__":
     global_step, iteration, last_save, last_eval, last_print = start_step, done_iterations, 0, 0, 0.0
     recent_returns, losses = [], {}
     if resumed is not None:
-        try:
-            for name, net in (("actor", actor), ("critic", critic), ("club", club)):
-                net.load_state_dict(resumed["models"][name])
-            for name, opt in optimizers.items():
-                opt.load_state_dict(resumed["continuation"]["optimizers"][name])
-            counters = resumed["continuation"]["counters"]
-            last_save, last_eval = counters["last_save"], counters["last_eval"]
-            recent_returns = list(resumed["continuation"]["recent_returns"])
-            restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-        for opt, lr in ((optimizer, args.learning_rate), (club_opt, args.club_lr)):
-            opt.param_groups[0]["lr"] = lr  # a learning rate given on the command line wins (--anneal-lr: its start)
+        last_save, last_eval, recent_returns = restore(resumed, args.resume, models, optimizers, env, eval_env)
+        optimizer.param_groups[0]["lr"] = args.learning_rate  # the command line's wins (--anneal-lr: its start)
+        club_opt.param_groups[0]["lr"] = args.club_lr
         print(f"resuming {args.resume} at global_step={global_step}, iteration {iteration + 1} of {num_iterations}: "
               f"new episodes", flush=True)
     obs, state, avail = env.reset()
     hidden = actor.init_hidden(E, N, device)
     if resumed is not None:
         set_rng_state(resumed["continuation"]["rng"], device)  # last: building the nets drew from it
-    boundary = copy.deepcopy(checkpoint()) if args.save_model else None  # what a save writes (see save())
+    boundary = checkpoint() if args.save_model else None  # what a save writes (see save())
     start_time = time.time()
     stop_on_signals()
     try:
@@ -575,11 +561,10 @@ if __name__ == "__main__":
                 # ALGO LOGIC: put action logic here
                 with torch.no_grad():
                     out, hidden = actor(obs, hidden)
-                    dist = distribution(out, avail)
-                    action = dist.sample()
-                    logp_buf[t] = log_prob_entropy(dist, action)[0]
+                    action, logp, _ = actor.get_action(out, avail)
+                logp_buf[t] = logp
                 actions_buf[t] = action
-                env_action = action if discrete else action.clamp(-1.0, 1.0) * act_scale + act_bias
+                env_action = action if discrete else action.clamp(-1.0, 1.0) * greedy.scale + greedy.bias
 
                 # TRY NOT TO MODIFY: execute the game and log data.
                 obs, state, avail, reward, terminated, truncated, info = env.step(env_action)
@@ -592,15 +577,27 @@ if __name__ == "__main__":
                         hidden = hidden * (~done).view(-1, 1, 1)
                     recent_returns = (recent_returns + info["episode_return"][done].tolist())[-100:]
                     writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
-                    writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
+                    writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()),
+                                      global_step)
                     writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
 
-            # ALGO LOGIC: training.
-            b_states, b_actions = state_buf.view(T * E, -1), actions_buf.view(T * E, *actions_buf.shape[2:])
+            # ALGO LOGIC: training. MIR3 first: fit q(a|s) on the fresh rollout, then r - λ·Î(s; a) enters GAE
+            b_states = state_buf.view(T * E, -1)
+            b_actions = actions_buf.view(T * E, *actions_buf.shape[2:])
             rewards = reward_buf
-            if args.mi_coef > 0:  # MIR3: r - λ·Î(s; a) on the fresh rollout, before GAE
-                mi, losses["losses/club_loss"] = mi_penalty(b_states, b_actions)
+            if args.mi_coef > 0:
+                # the joint action as CLUB sees it: one-hots [B, N, A] or the executed (clipped) Gaussian sample
+                b_club_actions = F.one_hot(b_actions.long(), A).float() if discrete else b_actions.clamp(-1.0, 1.0)
+                for _ in range(args.club_steps):
+                    idx = torch.randint(T * E, (args.club_batch_size,), device=device)
+                    club_loss = club.learning_loss(b_states[idx], b_club_actions[idx])
+                    club_opt.zero_grad()
+                    club_loss.backward()
+                    club_opt.step()
+                with torch.no_grad():
+                    mi = club.mi(b_states, b_club_actions, args.mi_estimator)  # pointwise Î [T * E]
                 rewards = reward_buf - args.mi_coef * mi.view(T, E)
+                losses["losses/club_loss"] = club_loss.item()
                 losses["mi/upper_bound"] = mi.mean().item()
             with torch.no_grad():
                 old_values = critic(state_buf)  # normalised units
@@ -632,7 +629,7 @@ if __name__ == "__main__":
                         out = actor.unroll(obs_buf[:, ei], h0[ei], first[:, ei])
                     else:
                         out = actor(obs_buf[ti, ei])[0]
-                    logp, entropy = log_prob_entropy(distribution(out, avail_buf[ti, ei]), actions_buf[ti, ei])
+                    _, logp, entropy = actor.get_action(out, avail_buf[ti, ei], actions_buf[ti, ei])
                     logratio = logp - logp_buf[ti, ei]
                     ratio = logratio.exp()
                     with torch.no_grad():
@@ -685,15 +682,15 @@ if __name__ == "__main__":
                       f"eval_success={success.float().mean().item():.2f}", flush=True)
             if args.save_model:
                 due = args.save_interval and global_step - last_save >= args.save_interval
-                last_save = global_step if due else last_save
-                boundary = copy.deepcopy(checkpoint())  # a copy: the nets and optimisers change in place
+                if due:
+                    last_save = global_step
+                boundary = checkpoint()  # the new rollout boundary: what a save writes until the next update ends
                 if due:
                     save()
             if time.time() - last_print > 10:
                 last_print = time.time()
                 ret = np.mean(recent_returns) if recent_returns else float("nan")
-                print(f"global_step={global_step} SPS={int((global_step - start_step) / (time.time() - start_time))} "
-                      f"updates={iteration} return={ret:.2f}", flush=True)
+                print(f"global_step={global_step} SPS={sps} updates={iteration} return={ret:.2f}", flush=True)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
         ignore_stop_signals()
         signum = int(e.args[0]) if e.args else int(signal.SIGINT)
