@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
@@ -32,12 +32,26 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
-from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
-                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
+from runtime import (
+    action_space_dict,
+    check_fits,
+    check_writable,
+    env_kwargs_of,
+    episodes_started,
+    fail,
+    first_line,
+    ignore_stop_signals,
+    keep_freed_memory,
+    read_resume_checkpoint,
+    restore_episode_counts,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_if_not_finite,
+    stop_on_signals,
+)
 
-ATTACK_TYPES = ("obs", "act", "both")
-MASK_DIRECTIONS = ("both", "g1")
 LOG_PROB_FLOOR = math.log(1e-4)  # pointwise-MI argmin: ignore differences among near-impossible actions
 
 
@@ -85,7 +99,7 @@ class Args:
     """the discount factor"""
     td_lambda: float = 0.6
     """λ of TD(λ) targets over the sampled episodes (0: pymarl's one-step target)"""
-    lr: float = 5e-4
+    learning_rate: Annotated[float, tyro.conf.arg(aliases=("--lr",))] = 5e-4
     """Adam learning rate of agent and mixer"""
     hidden_dim: int = 64
     """GRU width of the agent"""
@@ -200,7 +214,6 @@ class QMixer(nn.Module):
         return (hidden * self.hyper_w2(state).abs()).sum(-1) + self.value(state).squeeze(-1)
 
 
-
 class EpisodeBuffer:
     """Replay of whole episodes, written step by step by ``num_envs`` parallel envs.
 
@@ -301,13 +314,10 @@ def unit_box(low, high, device):
 
 
 class Policy:
-    """Greedy (ε-greedy in training) QMIX policy; ``load_policy`` returns a frozen one.
+    """Greedy (ε-greedy in training) QMIX policy on observations mapped onto [-1, 1] with the env's bounds, if any.
 
-    ``hidden`` is one tensor [E, N, H + A]: the GRU state ⊕ the one-hot of the agent's last action.
-    All zeros is the start of an episode (pymarl also feeds a zero "last action" at t = 0), so
-    callers zero the rows of envs that finish: ``hidden * (~done).view(-1, 1, 1)``.
-    ``obs_low``/``obs_high``: the env's observation bounds, if it has any; observations are mapped
-    onto [-1, 1] before they reach the agent (``scale_obs``).
+    ``hidden`` [E, N, H + A] is the GRU state ⊕ the one-hot last action; all zeros starts an episode (pymarl also
+    feeds a zero last action at t = 0), so callers zero the rows of envs that finish: ``hidden * (~done).view(-1, 1, 1)``.
     """
 
     def __init__(self, agent: RNNAgent, n_agents: int, n_actions: int, obs_low=None, obs_high=None):
@@ -385,16 +395,22 @@ class ActionModel(nn.Module):
 
 
 class AttackSchedule:
-    """IBAL's curriculum. ``record`` the successes of finished episodes; once ``window`` of them are
-    in, P_max <- min(1, α·P_max) if their success rate exceeds η.
+    """IBAL's curriculum: no attacks during the first ``warmup_steps``, then P_act ~ U(P_min, P_max) per
+    episode. ``record`` the successes of attacked episodes; once ``window`` of them are in,
+    P_max <- min(1, α·P_max) if their success rate exceeds η.
 
     [C] The window restarts after each raise (a cooldown): one good stretch of episodes raises
     P_max once, and the next raise is earned against the harder attack.
     """
 
-    def __init__(self, p_max: float, alpha: float, eta: float, window: int):
+    def __init__(self, p_max: float, alpha: float, eta: float, window: int, p_min: float = 0.0, warmup_steps: int = 0):
         self.p_max, self.alpha, self.eta, self.window = p_max, alpha, eta, window
+        self.p_min, self.warmup_steps = p_min, warmup_steps
         self.recent = []
+
+    def p_range(self) -> tuple:
+        """[C] The paper's P_act ~ U(1/K, P_max), with the lower end kept ≤ P_max so that it never inverts."""
+        return min(self.p_min, self.p_max), self.p_max
 
     def record(self, successes) -> bool:
         """Add episode outcomes (bools); returns True when P_max was raised."""
@@ -407,6 +423,14 @@ class AttackSchedule:
     def success_rate(self) -> float:
         """Success rate of the episodes in the current window (nan when empty)."""
         return float(np.mean(self.recent)) if self.recent else float("nan")
+
+    def state_dict(self) -> dict:
+        return {"p_max": self.p_max, "recent": self.recent, "warmup_steps": self.warmup_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict`` (--resume): the warm-up ends where the checkpoint's run ended it."""
+        self.p_max, self.recent = float(state["p_max"]), [bool(s) for s in state["recent"]]
+        self.warmup_steps = state.get("warmup_steps", self.warmup_steps)  # absent from older checkpoints
 
 
 class InteractionBreaker:
@@ -625,6 +649,20 @@ def load_policy(checkpoint: dict, device="cpu") -> Policy:
                   checkpoint.get("obs_high"))
 
 
+def act_under_attack(policy, breaker: Optional[InteractionBreaker], obs, state, avail, hidden, plan: Optional[dict],
+                     epsilon: float = 0.0, gen=None) -> tuple:
+    """One step of the defender under the attack ``plan``: it acts on what it sees (the planned dims masked),
+    then the attacker rewrites G1's actions, and the agents' last-action input becomes the executed action.
+    Without a breaker (K = 0) it is plain acting. Returns (seen obs, intended, executed, hidden, KL or nan)."""
+    if breaker is None:
+        actions, hidden = policy.act(obs, avail, hidden, epsilon)
+        return obs, actions, actions, hidden, float("nan")
+    seen = breaker.mask_obs(obs, plan)
+    intended, hidden = policy.act(seen, avail, hidden, epsilon)
+    executed, kl = breaker.attack_actions(obs, state, intended, avail, plan, gen)
+    return seen, intended, executed, executed_as_last_action(hidden, executed, policy.n_actions), kl
+
+
 @torch.no_grad()
 def evaluate(policy, env, breaker: Optional[InteractionBreaker] = None, k: int = 0, p_act: float = 0.0,
              seed: int = 0) -> tuple:
@@ -641,11 +679,7 @@ def evaluate(policy, env, breaker: Optional[InteractionBreaker] = None, k: int =
     success = torch.zeros(env.num_envs, dtype=torch.bool, device=env.device)
     running = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)
     while bool(running.any()):
-        seen = breaker.mask_obs(obs, plan) if breaker is not None else obs
-        actions, hidden = policy.act(seen, avail, hidden)
-        if breaker is not None:
-            actions, _ = breaker.attack_actions(obs, state, actions, avail, plan, gen)
-            hidden = executed_as_last_action(hidden, actions, env.n_actions)
+        _, _, actions, hidden, _ = act_under_attack(policy, breaker, obs, state, avail, hidden, plan, gen=gen)
         obs, state, avail, reward, terminated, truncated, info = env.step(actions)
         returns += reward * running
         done = (terminated | truncated) & running
@@ -655,8 +689,14 @@ def evaluate(policy, env, breaker: Optional[InteractionBreaker] = None, k: int =
 
 
 def input_bounds(env, device):
-    """The env's observation bounds (lists, or None) and the state's (center, half-width) box (the
-    state of LBF, the only env with bounds, is the concatenation of the agents' observations)."""
+    """The env's observation bounds (lists, or None) and the state's (center, half-width) box.
+
+    LBF's observations are raw grid coordinates and levels: fed as they are, a fresh mixer starts at Q_tot far
+    above the returns (≤ 1), a bias that bootstrapped time limits barely shrink. Envs that declare their
+    observation space (``obs_low``/``obs_high``: LBF, SMAX) get obs and state (there the agents' observations
+    concatenated) mapped onto [-1, 1]. Not ``env.obs_bounds()``: the other envs' bounds (±inf on quads) have
+    never been applied here, and applying them would change every result trained on them.
+    """
     obs_low, obs_high = getattr(env, "obs_low", None), getattr(env, "obs_high", None)
     if obs_low is not None:
         obs_low, obs_high = obs_low.tolist(), obs_high.tolist()
@@ -666,17 +706,14 @@ def input_bounds(env, device):
 
 
 def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tuple:
-    """IBAL's interaction-breaking attack on a frozen QMIX defender (``attack_worstcase.py
-    --interaction-breaking`` calls this for mir3_qmix and ibal_qmix checkpoints).
+    """IBAL's attack on a frozen QMIX defender (``attack_worstcase.py --interaction-breaking`` calls this for
+    mir3_qmix and ibal_qmix checkpoints); returns (returns, success) [E].
 
-    Fresh estimators are fitted to this victim on ``env`` itself, the env being evaluated (which
-    may differ from the checkpoint's, e.g. with attack_worstcase's --env-id): ``--attack-fit-steps``
-    env steps of its own clean play (ε = --epsilon-finish, so that q_φ also sees off-policy
-    actions), then ``--attack-fit-updates`` estimator steps. Then ``env`` is reset and plays one
-    greedy episode per env with |G1| = K, the top-L dims masked and P_act = ``--attack-p-act``.
-    These episodes follow the fitting ones, so they are not the first episodes of ``env``. The
-    knobs come from an ibal_qmix checkpoint's args, else from this script's defaults.
-    Returns (returns [E], success [E]).
+    Fresh estimators are fitted on ``env`` itself, the env being evaluated (attack_worstcase's --env-id may
+    differ from the checkpoint's): ``--attack-fit-steps`` env steps of the victim's clean play (ε =
+    --epsilon-finish, so that q_φ also sees off-policy actions), then ``--attack-fit-updates`` estimator steps.
+    Then one greedy episode per env, after the fitting ones, with |G1| = K, the top-L dims masked and P_act =
+    ``--attack-p-act``. The knobs come from an ibal_qmix checkpoint's args, else from this script's defaults.
     """
     saved = checkpoint.get("args", {}) if checkpoint.get("script") == "ibal_qmix" else {}
     names = {f.name for f in fields(Args)}
@@ -705,35 +742,40 @@ def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tup
     return evaluate(policy, env, breaker, K, args.attack_p_act, seed)
 
 
+# the range of every numeric flag: a value outside it would run, but silently wrong
+FLAG_RANGES = (
+    ("be >= 1", lambda v: v >= 1, ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim",
+                                   "mixer_embed_dim", "hypernet_dim", "eval_episodes", "target_update_interval",
+                                   "estimator_batch_size", "estimator_window", "success_window", "obs_model_hidden_dim",
+                                   "act_model_hidden_dim", "attack_fit_steps")),
+    ("be >= 0", lambda v: v >= 0, ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval",
+                                   "attack_fit_updates")),
+    ("lie in [0, 1]", lambda v: 0 <= v <= 1, ("gamma", "td_lambda", "epsilon_start", "epsilon_finish", "p_max_init",
+                                              "p_min", "eta", "warmup_fraction", "attack_p_act")),
+    ("be > 0", lambda v: v > 0, ("learning_rate", "estimator_lr", "max_grad_norm", "updates_per_episode")),
+    ("be >= 1 (P_max only grows)", lambda v: v >= 1, ("alpha",)),
+    ("lie in [0, 1)", lambda v: 0 <= v < 1, ("score_ema",)),
+    ("be a finite number", lambda v: True, ("mask_value",)),
+)
+CHOICES = {"attack_types": ("obs", "act", "both"), "mask_direction": ("both", "g1")}
+
+
 def check_args(args: Args) -> None:
-    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    """Refuse a flag out of its range at start-up, with one line; NaN and ±inf never pass."""
     if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
         fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "mixer_embed_dim",
-                 "hypernet_dim", "eval_episodes", "target_update_interval", "estimator_batch_size", "estimator_window",
-                 "success_window", "obs_model_hidden_dim", "act_model_hidden_dim", "attack_fit_steps"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval", "attack_fit_updates"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name, options in (("attack_types", ATTACK_TYPES), ("mask_direction", MASK_DIRECTIONS)):
+    for rule, ok, names in FLAG_RANGES:
+        for name in names:
+            value, flag = getattr(args, name), "--" + name.replace("_", "-")
+            if value is None:  # --p-min: the default
+                continue
+            if not math.isfinite(value):
+                fail(f"{flag} must be a finite number, got {value}")
+            if not ok(value):
+                fail(f"{flag} must {rule}, got {value}")
+    for name, options in CHOICES.items():
         if getattr(args, name) not in options:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(options)}, got {getattr(args, name)!r}")
-    unit, positive = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0")
-    checks = {"gamma": unit, "td_lambda": unit, "epsilon_start": unit, "epsilon_finish": unit, "lr": positive,
-              "max_grad_norm": positive, "updates_per_episode": positive, "p_max_init": unit, "p_min": unit,
-              "alpha": (lambda v: v >= 1, "be >= 1 (P_max only grows)"), "eta": unit, "warmup_fraction": unit,
-              "mask_value": (lambda v: True, ""), "estimator_lr": positive,
-              "score_ema": (lambda v: 0 <= v < 1, "lie in [0, 1)"), "attack_p_act": unit}
-    for name, (ok, rule) in checks.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if value is None:  # p_min: the default
-            continue
-        if not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-        if not ok(value):
-            fail(f"{flag} must {rule}, got {value}")
 
 
 # --resume: besides the weights, a checkpoint's "continuation" holds what a run needs to go on: optimiser and
@@ -751,6 +793,8 @@ if __name__ == "__main__":
     resumed = None
     if args.resume is not None:
         resumed = read_resume_checkpoint(args.resume, "ibal_qmix", CONTINUATION_KEYS, MODEL_FLAGS)
+        if "lr" in resumed["args"]:  # saved before --lr became --learning-rate
+            resumed["args"]["learning_rate"] = resumed["args"].pop("lr")
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
     keep_freed_memory()
     check_args(args)
@@ -772,11 +816,11 @@ if __name__ == "__main__":
         if not env.is_discrete:
             fail(f"ibal_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
                  f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete)")
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
-                             device=device, **env_kwargs)
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device, **env_kwargs)
     except (ValueError, ImportError) as e:
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
     N, T, A = env.n_agents, env.episode_limit, env.n_actions
+    space = action_space_dict(env.action_space)
     K = group_cap(args.attack_k, N)
     if args.attack_k is None and K > N // 2:
         fail(f"{args.env_id!r} has {N} agent, too few for IBAL (the attacked group G1 has at most n // 2 agents "
@@ -786,175 +830,122 @@ if __name__ == "__main__":
     if args.mask_dims is not None and not 0 <= args.mask_dims <= env.obs_dim:
         fail(f"--mask-dims must lie in [0, {env.obs_dim}] (the observation size), got {args.mask_dims}")
     if resumed is not None:
-        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                           "action_space": action_space_dict(env.action_space)}.items():
+        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space}.items():
             if resumed[key] != value:  # the env's code changed since the checkpoint was written
                 fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
     if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
         os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
-
-    # refuse a replay buffer and attacker window (allocated below) that cannot fit, before building anything
     capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
     check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A)
                + (InteractionBreaker.nbytes(N, env.obs_dim, env.state_dim, A, args.estimator_window) if K > 0 else 0),
                f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
                "the replay buffer, the attacker's window and its score table",
                "lower --buffer-size (or --estimator-window, --n-agents)", device)
-
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: initialize agent here
-    ids = torch.eye(N, device=device)
-    in_dim = env.obs_dim + A + N
-    agent, target_agent = RNNAgent(in_dim, A, args.hidden_dim).to(device), RNNAgent(in_dim, A, args.hidden_dim).to(device)
+    agent = RNNAgent(env.obs_dim + A + N, A, args.hidden_dim).to(device)
+    target_agent = RNNAgent(env.obs_dim + A + N, A, args.hidden_dim).to(device)
     mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
     target_mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
     target_agent.load_state_dict(agent.state_dict())
     target_mixer.load_state_dict(mixer.state_dict())
     params = list(agent.parameters()) + list(mixer.parameters())
-    optimizer = optim.Adam(params, lr=args.lr)
-
+    optimizer = optim.Adam(params, lr=args.learning_rate)
     rb = EpisodeBuffer(capacity, T, args.num_envs, N, env.obs_dim, env.state_dim, A, device)
     reward_mean, reward_var, reward_count = torch.zeros((), device=device), torch.ones((), device=device), 1e-4
-
-    space = action_space_dict(env.action_space)
-    # LBF observations are raw grid coordinates: map obs and state onto [-1, 1] (see mir3_qmix.py)
-    obs_low, obs_high, (state_center, state_half) = input_bounds(env, device)
+    obs_low, obs_high, (state_center, state_half) = input_bounds(env, device)  # LBF: raw grid coordinates to [-1, 1]
     policy = Policy(agent, N, A, obs_low, obs_high)
-    # the attacker (absent with K = 0: then nothing below differs from plain QMIX)
+    # the attacker, with its own generator; none with K = 0, so that nothing differs from plain QMIX
     breaker = InteractionBreaker(N, env.obs_dim, env.state_dim, A, args, policy.scale_obs, (state_center, state_half),
                                  device, args.seed + 1) if K > 0 else None
-    schedule = AttackSchedule(args.p_max_init, args.alpha, args.eta, args.success_window)
-    warmup_steps = int(args.warmup_fraction * args.total_timesteps)
-    if resumed is not None:  # the warm-up ends where the checkpoint's run ended it, whatever --total-timesteps now is
-        warmup_steps = resumed["continuation"]["curriculum"].get("warmup_steps", warmup_steps)
-    optimizers = {"qmix": optimizer}
-    if breaker is not None:
-        optimizers.update(obs_model=breaker.obs_opt, action_model=breaker.act_opt)
+    schedule = AttackSchedule(args.p_max_init, args.alpha, args.eta, args.success_window,
+                              1.0 / max(K, 1) if args.p_min is None else args.p_min,  # the paper's P_min = 1/K
+                              int(args.warmup_fraction * args.total_timesteps))
+
+    optimizers = {"qmix": optimizer, **({"obs_model": breaker.obs_opt, "action_model": breaker.act_opt} if breaker else {})}
     targets = {"agent": target_agent, "mixer": target_mixer}
-
-    def p_range() -> tuple:
-        # [C] the paper's P_act ~ U(1/K, P_max), with the lower end kept ≤ P_max so it never inverts
-        low = 1.0 / K if args.p_min is None else args.p_min
-        return min(low, schedule.p_max), schedule.p_max
-
-    def checkpoint() -> dict:
-        models = {"agent": agent.state_dict(), "mixer": mixer.state_dict()}
-        if breaker is not None:
-            models["attacker"] = breaker.state_dict()
-        rng, norms = rng_state(device), {"reward_mean": reward_mean, "reward_var": reward_var,
-                                         "reward_count": reward_count}
-        if breaker is not None:
-            rng["attacker"] = breaker.gen.get_state()
-            norms.update(next_obs_mean=breaker.next_mean, next_obs_var=breaker.next_var,
-                         next_obs_count=breaker.next_count)
-        return {"script": "ibal_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
-                "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                "obs_low": obs_low, "obs_high": obs_high, "action_space": space, "global_step": global_step,
-                "p_max": schedule.p_max, "models": models,
-                "continuation": {  # what --resume needs (the estimators' window refills with the replay buffer)
-                    "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
-                    "targets": {k: net.state_dict() for k, net in targets.items()},
-                    "rng": rng,
-                    "counters": {"updates": updates, "last_save": last_save, "last_eval": last_eval,
-                                 "last_log": last_log, "credit": credit},
-                    "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
-                    "norms": norms,
-                    "curriculum": {"p_max": schedule.p_max, "recent": schedule.recent, "warmup_steps": warmup_steps},
-                    "recent_returns": recent_returns}}
-
-    watched = {"agent weights": agent, "mixer weights": mixer}  # checked for NaN/inf; the attacker's too
+    watched = {"agent weights": agent, "mixer weights": mixer}
     if breaker is not None:  # its score table is saved with the weights
         watched.update({"obs_model weights": breaker.obs_model, "action_model weights": breaker.act_model,
                         "attacker scores": breaker.scores})
 
     def save() -> str:
-        stop_if_not_finite(global_step, metrics, watched)
-        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", checkpoint())
-
-    def update(batch) -> dict:
-        # the QMIX loss, unchanged: the batch holds masked observations and executed actions, and
-        # the mixer sees the true state [C: the attacker perturbs what agents see, not the critic]
-        mask, avail = batch["mask"], batch["avail"]
-        state = (batch["state"] - state_center) / state_half
-        n_valid = mask.sum()
-        actions = batch["actions"]  # [B, L, N]
-        onehot = F.one_hot(actions, A).float()
-        last = torch.cat((torch.zeros_like(onehot[:, :1]), onehot), 1)  # last action before step t
-        x = agent_inputs(policy.scale_obs(batch["obs"]), last, ids)  # [B, L+1, N, in]
-        q_all = agent.unroll(x)
-        chosen = q_all[:, :-1].gather(-1, actions[..., None]).squeeze(-1)
-        with torch.no_grad():
-            # double Q: the online net picks the next action, the target net evaluates it
-            best = q_all[:, 1:].masked_fill(~avail[:, 1:], -float("inf")).argmax(-1, keepdim=True)
-            q_next = target_agent.unroll(x)[:, 1:].gather(-1, best).squeeze(-1)
-            q_tot_next = target_mixer(q_next, state[:, 1:])
-            reward = (batch["reward"] - reward_mean) / (reward_var.sqrt() + 1e-8) if args.standardise_rewards \
-                else batch["reward"]
-            target = lambda_returns(reward, batch["terminated"], q_tot_next, mask, args.gamma, args.td_lambda)
-        q_tot = mixer(chosen, state[:, :-1])
-        td = (q_tot - target) * mask
-        loss = (td**2).sum() / n_valid
-        optimizer.zero_grad()
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        return {"losses/td_loss": loss.item(), "losses/grad_norm": grad_norm.item(),
-                "losses/q_taken_mean": (q_tot * mask).sum().item() / n_valid.item(),
-                "losses/target_mean": (target * mask).sum().item() / n_valid.item()}
+        stop_if_not_finite(global_step, metrics, watched)  # a diverged run never overwrites a good checkpoint
+        models = {"agent": agent.state_dict(), "mixer": mixer.state_dict()}
+        rng = rng_state(device)
+        norms = {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count}
+        if breaker is not None:
+            models["attacker"] = breaker.state_dict()
+            rng["attacker"] = breaker.gen.get_state()
+            norms.update(next_obs_mean=breaker.next_mean, next_obs_var=breaker.next_var, next_obs_count=breaker.next_count)
+        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", {
+            "script": "ibal_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
+            "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "obs_low": obs_low, "obs_high": obs_high,
+            "action_space": space, "global_step": global_step, "p_max": schedule.p_max, "models": models,
+            "continuation": {  # what --resume needs (the estimators' window refills with the replay buffer)
+                "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+                "targets": {k: net.state_dict() for k, net in targets.items()},
+                "rng": rng,
+                "counters": {"updates": updates, "last_save": last_save, "last_eval": last_eval, "last_log": last_log,
+                             "credit": credit},
+                "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
+                "norms": norms,
+                "curriculum": schedule.state_dict(),
+                "recent_returns": recent_returns}})
 
     # TRY NOT TO MODIFY: start the game
-    print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, Discrete({A}), "
-          f"K = {K}, L = {breaker.mask_dims if breaker else 0}, attacks {args.attack_types if K else 'off'} "
-          f"after {warmup_steps} steps, device {device}")
     global_step, updates, last_save, last_eval, last_log, last_print = 0, 0, 0, 0, 0, 0.0
     credit = 0.0  # gradient steps owed to finished episodes (--updates-per-episode)
     recent_returns, metrics = [], {}
     if resumed is not None:
         try:
-            for name, net in (("agent", agent), ("mixer", mixer)):
-                net.load_state_dict(resumed["models"][name])
-            for name, net in targets.items():
-                net.load_state_dict(resumed["continuation"]["targets"][name])
+            saved = resumed["continuation"]
             # the attacker where both runs have one (K > 0); a run that turns attacks on starts a fresh one
             with_attacker = breaker is not None and "attacker" in resumed["models"]
+            for name, model in (("agent", agent), ("mixer", mixer), *((("attacker", breaker),) if with_attacker else ())):
+                model.load_state_dict(resumed["models"][name])
+            for name, net in targets.items():
+                net.load_state_dict(saved["targets"][name])
             for name, opt in optimizers.items():
                 if name == "qmix" or with_attacker:
-                    opt.load_state_dict(resumed["continuation"]["optimizers"][name])
-            norms = resumed["continuation"]["norms"]  # the running statistics: rewards, the obs model's targets
+                    opt.load_state_dict(saved["optimizers"][name])
+            schedule.load_state_dict(saved["curriculum"])
+            counters = saved["counters"]
+            global_step, updates, credit = resumed["global_step"], counters["updates"], counters["credit"]
+            last_save, last_eval, last_log = counters["last_save"], counters["last_eval"], counters["last_log"]
+            recent_returns = list(saved["recent_returns"])
+            norms = saved["norms"]  # the running statistics: rewards, the obs model's targets
             reward_mean, reward_var = norms["reward_mean"].to(device), norms["reward_var"].to(device)
             reward_count = float(norms["reward_count"])
             if with_attacker:
-                breaker.load_state_dict(resumed["models"]["attacker"])
-                breaker.gen.set_state(resumed["continuation"]["rng"]["attacker"])
                 breaker.next_mean, breaker.next_var = norms["next_obs_mean"].to(device), norms["next_obs_var"].to(device)
                 breaker.next_count = float(norms["next_obs_count"])
-            curriculum = resumed["continuation"]["curriculum"]
-            schedule.p_max, schedule.recent = float(curriculum["p_max"]), [bool(s) for s in curriculum["recent"]]
-            counters = resumed["continuation"]["counters"]
-            global_step, updates, credit = resumed["global_step"], counters["updates"], counters["credit"]
-            last_save, last_eval, last_log = counters["last_save"], counters["last_eval"], counters["last_log"]
-            recent_returns = list(resumed["continuation"]["recent_returns"])
-            restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
+                breaker.gen.set_state(saved["rng"]["attacker"])
+            restore_episode_counts(saved["episode_counts"], env=env, eval_env=eval_env)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-        for name, opt in optimizers.items():
-            opt.param_groups[0]["lr"] = args.lr if name == "qmix" else args.estimator_lr  # the command line's lr wins
+        for name, opt in optimizers.items():  # the command line's learning rates win
+            opt.param_groups[0]["lr"] = args.learning_rate if name == "qmix" else args.estimator_lr
         print(f"resuming {args.resume} at global_step={global_step}: new episodes, and no learning during the "
               f"first {args.learning_starts} steps, which refill the replay buffer (and until it holds "
               f"{args.batch_size} episodes)", flush=True)
+    print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, Discrete({A}), "
+          f"K = {K}, L = {breaker.mask_dims if breaker else 0}, attacks {args.attack_types if K else 'off'} "
+          f"after {schedule.warmup_steps} steps, device {device}")
     start_step = global_step
     learning_from = start_step + args.learning_starts  # a resumed run refills its (empty) buffer first
     obs, state, avail = env.reset()
     hidden = policy.init_hidden(args.num_envs)
     if resumed is not None:
         set_rng_state(resumed["continuation"]["rng"], device)  # last: building the nets drew from it
+    plan = None  # each env's attack in its current episode (none with K = 0)
     if breaker is not None:
         # the first episodes of a new run fall in the warm-up; a resumed run's are attacked once it is over
-        attacking = resumed is not None and global_step >= warmup_steps
-        plan = breaker.plan(args.num_envs, (0, K if attacking else 0), p_range() if attacking else (0.0, 0.0))
+        attacking = resumed is not None and global_step >= schedule.warmup_steps
+        plan = breaker.plan(args.num_envs, (0, K if attacking else 0), schedule.p_range() if attacking else (0.0, 0.0))
         attacked_episode = torch.full((args.num_envs,), attacking, dtype=torch.bool, device=device)
     start_time = time.time()
     stop_on_signals()
@@ -963,22 +954,17 @@ if __name__ == "__main__":
             # ALGO LOGIC: put action logic here
             frac = min(global_step / max(args.epsilon_anneal_steps, 1), 1.0)
             epsilon = args.epsilon_start + frac * (args.epsilon_finish - args.epsilon_start)
-            seen = breaker.mask_obs(obs, plan) if breaker is not None else obs
-            actions, hidden = policy.act(seen, avail, hidden, epsilon)
-            if breaker is not None:
-                intended = actions
-                actions, kl = breaker.attack_actions(obs, state, intended, avail, plan)
-                hidden = executed_as_last_action(hidden, actions, A)
-                if not math.isnan(kl):
-                    metrics["ibal/action_kl"] = kl
+            seen, intended, actions, hidden, kl = act_under_attack(policy, breaker, obs, state, avail, hidden, plan, epsilon)
+            if not math.isnan(kl):
+                metrics["ibal/action_kl"] = kl
             next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
             done = terminated | truncated
-            # TRY NOT TO MODIFY: save data to replay buffer; handle `final_observation`
             reward_mean, reward_var, reward_count = running_stats(reward_mean, reward_var, reward_count, reward)
+            # TRY NOT TO MODIFY: save data to replay buffer; handle `final_observation`
             final_seen = breaker.mask_obs(info["final_obs"], plan) if breaker is not None else info["final_obs"]
             rb.add(seen, state, avail, actions, reward, terminated, done,
                    final_seen, info["final_state"], info["final_avail"])
-            if breaker is not None:
+            if breaker is not None:  # the estimators learn from what really happened: unmasked obs, both actions
                 breaker.observe(state, obs, info["final_obs"], intended, actions, avail)
             # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
             obs, state, avail = next_obs, next_state, next_avail
@@ -986,7 +972,6 @@ if __name__ == "__main__":
 
             if bool(done.any()):
                 hidden = hidden * (~done).view(-1, 1, 1)  # new episodes: zero GRU state and last action
-                n_done = int(done.sum())
                 recent_returns = (recent_returns + info["episode_return"][done].tolist())[-100:]
                 writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
                 writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
@@ -994,23 +979,52 @@ if __name__ == "__main__":
                 if breaker is not None:
                     # the curriculum counts the episodes played under the attack schedule (after the warm-up)
                     schedule.record(info["success"][done & attacked_episode].tolist())
-                    attacking = global_step >= warmup_steps
-                    plan = breaker.plan(args.num_envs, (0, K if attacking else 0), p_range(), plan, done)
+                    attacking = global_step >= schedule.warmup_steps
+                    plan = breaker.plan(args.num_envs, (0, K if attacking else 0), schedule.p_range(), plan, done)
                     attacked_episode = torch.where(done, attacking, attacked_episode)
 
-                # ALGO LOGIC: training.
-                if global_step >= learning_from and rb.num_episodes() >= args.batch_size:
-                    credit += n_done * args.updates_per_episode
-                    while credit >= 1:
-                        credit -= 1
-                        metrics.update(update(rb.sample(args.batch_size)))
-                        if breaker is not None and breaker.ready():
-                            metrics.update(breaker.train_step())
-                        updates += 1
-                        if updates % args.target_update_interval == 0:  # update the target network
-                            target_agent.load_state_dict(agent.state_dict())
-                            target_mixer.load_state_dict(mixer.state_dict())
-                    stop_if_not_finite(global_step, metrics)
+            # ALGO LOGIC: training, --updates-per-episode gradient steps per finished episode
+            if bool(done.any()) and global_step >= learning_from and rb.num_episodes() >= args.batch_size:
+                credit += int(done.sum()) * args.updates_per_episode
+                while credit >= 1:
+                    credit -= 1
+                    # the QMIX loss, unchanged: the batch holds masked observations and executed actions, and
+                    # the mixer sees the true state [C: the attacker perturbs what agents see, not the critic]
+                    batch = rb.sample(args.batch_size)  # whole episodes [B, L(+1), ...]
+                    mask = batch["mask"]
+                    b_state = (batch["state"] - state_center) / state_half
+                    onehot = F.one_hot(batch["actions"], A).float()
+                    last = torch.cat((torch.zeros_like(onehot[:, :1]), onehot), 1)  # the last action before step t
+                    x = agent_inputs(policy.scale_obs(batch["obs"]), last, policy.ids)  # [B, L+1, N, in]
+                    q_all = agent.unroll(x)
+                    chosen = q_all[:, :-1].gather(-1, batch["actions"][..., None]).squeeze(-1)
+                    with torch.no_grad():
+                        # double Q: the online net picks the next action, the target net evaluates it
+                        best = q_all[:, 1:].masked_fill(~batch["avail"][:, 1:], -float("inf")).argmax(-1, keepdim=True)
+                        q_next = target_agent.unroll(x)[:, 1:].gather(-1, best).squeeze(-1)
+                        q_tot_next = target_mixer(q_next, b_state[:, 1:])
+                        b_reward = batch["reward"]
+                        if args.standardise_rewards:
+                            b_reward = (b_reward - reward_mean) / (reward_var.sqrt() + 1e-8)
+                        target = lambda_returns(b_reward, batch["terminated"], q_tot_next, mask, args.gamma, args.td_lambda)
+                    q_tot = mixer(chosen, b_state[:, :-1])
+                    loss = (((q_tot - target) * mask) ** 2).sum() / mask.sum()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    metrics["losses/td_loss"] = loss.item()
+                    metrics["losses/grad_norm"] = grad_norm.item()
+                    metrics["losses/q_values"] = (q_tot * mask).sum().item() / mask.sum().item()
+                    metrics["losses/target_mean"] = (target * mask).sum().item() / mask.sum().item()
+                    if breaker is not None and breaker.ready():  # one step of each estimator, then M is refreshed
+                        metrics.update(breaker.train_step())
+                    updates += 1
+                    if updates % args.target_update_interval == 0:  # update the target networks
+                        target_agent.load_state_dict(agent.state_dict())
+                        target_mixer.load_state_dict(mixer.state_dict())
+                stop_if_not_finite(global_step, metrics)
+
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
                 stop_if_not_finite(global_step, metrics, watched)

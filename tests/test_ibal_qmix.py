@@ -390,6 +390,7 @@ def test_attack_worstcase_runs_interaction_breaking_and_dis_k(rendezvous_runs, t
     (["--mask-value", "nan"], "--mask-value must be a finite number, got nan"),
     (["--gamma", "nan"], "--gamma must be a finite number"),
     (["--estimator-lr", "inf"], "--estimator-lr must be a finite number, got inf"),
+    (["--lr", "0"], "--learning-rate must be > 0, got 0.0"),
     (["--td-lambda", "-0.5"], "--td-lambda must lie in [0, 1]"),
     (["--env-kwargs", "25"], "--env-kwargs must be a JSON object"),
     (["--env-kwargs", '{"no_such_option": 1}'], "bad option for env"),
@@ -406,9 +407,9 @@ def test_attack_worstcase_runs_interaction_breaking_and_dis_k(rendezvous_runs, t
     (["--env-id", "lbf:Foraging-5x5-2p-1f-v3", "--mask-dims", "999"], "--mask-dims must lie in [0, "),
     (["--env-id", "no-such-env"], "unknown env id 'no-such-env'"),
     (["--env-id", "rendezvous", "--n-agents", "3"], "ibal_qmix needs discrete actions"),
-], ids=["attack-types", "mask-direction", "mask-value-nan", "gamma-nan", "estimator-lr-inf", "td-lambda",
-        "env-kwargs-not-object", "env-kwargs-unknown", "env-kwargs-twice", "one-agent", "attack-k", "attack-k-negative", "alpha", "eta", "p-min", "score-ema", "estimator-batch",
-        "mask-dims", "unknown-env", "box-actions"])
+], ids=["attack-types", "mask-direction", "mask-value-nan", "gamma-nan", "estimator-lr-inf", "lr-alias", "td-lambda",
+        "env-kwargs-not-object", "env-kwargs-unknown", "env-kwargs-twice", "one-agent", "attack-k", "attack-k-negative",
+        "alpha", "eta", "p-min", "score-ema", "estimator-batch", "mask-dims", "unknown-env", "box-actions"])
 def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     """Bad flags exit with code 2 and one 'error:' line on stderr, no traceback, no run directory."""
     # in this process (seconds saved per case); the replay buffer test below refuses in a real subprocess
