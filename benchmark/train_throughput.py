@@ -12,7 +12,9 @@ Both settings run in this one process, one after the other, so their ratio is me
 same machine load; with ``--repeats n`` every run is timed n times, the settings interleaved, and the
 fastest time counts (on a shared machine the speed drifts by tens of percent over minutes). Peak
 memory (max RSS of the child) is read from a run of the default configuration that is long enough to
-fill the replay buffer. ``--against REV`` also times the scripts (and envs) of git revision REV, interleaved
+fill the replay buffer. ``--clock cpu`` times each run by its CPU seconds instead of wall time (for a machine
+busy with other work; run with ``OMP_NUM_THREADS=1``, or CPU time counts every thread). ``--against REV``
+also times the scripts (and envs) of git revision REV, interleaved
 with this tree's, and prints the speed ratio per setting: did a change slow training?
 
 Reference (authors' MIR3 code on a 2-core CPU, rendezvous with 10 agents, replay ratio 8):
@@ -42,7 +44,8 @@ CONFIGS = {
 
 
 def run(script, args, cwd, root=ROOT):
-    """Wall time and peak RSS (bytes) of one run of ``script`` (as found in ``root``) with ``args``."""
+    """Wall time, peak RSS (bytes) and CPU time (user + system seconds) of one run of ``script`` (as found in
+    ``root``) with ``args``."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, os.path.join(root, f"{script}.py"), *args], cwd=cwd,
@@ -52,7 +55,7 @@ def run(script, args, cwd, root=ROOT):
         if os.waitstatus_to_exitcode(status) != 0:
             err.seek(0)
             raise RuntimeError(f"{script} {' '.join(args)} failed:\n{err.read().decode()[-2000:]}")
-    return elapsed, usage.ru_maxrss * 1024  # kilobytes on Linux
+    return elapsed, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss: kilobytes on Linux
 
 
 def main():
@@ -65,6 +68,9 @@ def main():
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory run")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory run")
     parser.add_argument("--against", metavar="REV", help="also time the scripts of this git revision and compare")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time runs by wall clock, or by CPU seconds (user + system): on a machine busy with other "
+                             "work, CPU time of single-threaded runs (OMP_NUM_THREADS=1) is far less disturbed")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run (last option)")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -94,20 +100,21 @@ def main():
             for name, flags in settings:
                 for version, root in roots.items():
                     for total in (starts + args.short, starts + args.short + args.steps):
-                        elapsed, _ = run(script, [*common, *flags, "--total-timesteps", str(total)], cwd, root)
-                        best[version, name, total] = min(elapsed, best.get((version, name, total), float("inf")))
+                        elapsed, _, cpu = run(script, [*common, *flags, "--total-timesteps", str(total)], cwd, root)
+                        took = cpu if args.clock == "cpu" else elapsed
+                        best[version, name, total] = min(took, best.get((version, name, total), float("inf")))
 
         def rate(version, name):
             return args.steps / (best[version, name, starts + args.short + args.steps] - best[version, name, starts + args.short])
 
         for name, _ in () if args.memory_only else settings:
             sps[name] = rate("tree", name)
-            print(f"{script} {name}: {sps[name]:,.0f} training env steps/s", flush=True)
+            print(f"{script} {name}: {sps[name]:,.0f} training env steps per {args.clock} second", flush=True)
             if args.against:
                 versus.append((script, name, sps[name], rate(args.against, name)))
         peak = None
         if not args.no_memory:
-            _, peak = run(script, [*env_args, *args.extra, "--no-save-model", "--total-timesteps", str(memory_steps)], cwd)
+            _, peak, _ = run(script, [*env_args, *args.extra, "--no-save-model", "--total-timesteps", str(memory_steps)], cwd)
         rows.append((script, sps["plain"], sps[robust], peak))
 
     print(f"\n{'script':14s} {'plain SPS':>10s} {'robust SPS':>10s} {'cost':>10s} "
@@ -119,8 +126,8 @@ def main():
         mem = f"{peak / 2**30:.2f} GiB" if peak else "-"
         rates = f"{plain:10,.0f} {mir3:10,.0f} {plain / mir3:9.2f}x" if measured else f"{'-':>10s} {'-':>10s} {'-':>10s}"
         print(f"{script:14s} {rates} {speedup:>23s} {mem:>12s}")
-    print("SPS = training env steps per second (one step of one env, all agents); robust = MIR3, or IBAL for "
-          "ibal_qmix; cost = plain SPS / robust SPS; peak memory = max RSS of a default run that fills the replay buffer")
+    print(f"SPS = training env steps per {args.clock}-clock second (one step of one env, all agents); robust = MIR3, "
+          "or IBAL for ibal_qmix; cost = plain SPS / robust SPS; peak memory = max RSS of a default run that fills the replay buffer")
     if versus:
         print(f"\n{'script':14s} {'setting':8s} {'tree SPS':>10s} {args.against + ' SPS':>14s} {'tree / rev':>10s}")
         for script, name, here, there in versus:
