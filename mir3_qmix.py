@@ -5,19 +5,17 @@
 # With --mi-coef 0 this is plain QMIX (Rashid et al. 2018) as pymarl implements it: shared GRU agent
 # on obs ⊕ last action ⊕ agent id, monotonic hypernetwork mixer on the state, double Q, hard target
 # updates, ε-greedy, replay of whole episodes, masked TD loss, truncated episodes bootstrap.
-# Two input details matter on LBF: observations and state are scaled to [-1, 1] with the env's
-# bounds (raw grid coordinates make a fresh mixer start at Q_tot ≈ 3-18 while returns are ≤ 1), and
-# rewards are standardised with running statistics in the TD target, as epymarl does (the MIR3
-# penalty is subtracted before, so λ is in reward units as in the other two scripts). Targets are
-# TD(λ) with λ = 0.6 (pymarl2's fine-tuned QMIX): on LBF 8x8-2p-2f-coop one-step targets (lr 3e-4)
-# reached an evaluation return of 0.30 after 600k steps, TD(0.6) (lr 5e-4) 0.45; one seed each (README).
+# Three choices for LBF (README, "mir3_qmix.py"): observations and state are scaled to [-1, 1] with the
+# env's bounds, rewards are standardised with running statistics in the TD target as epymarl does (after
+# the MIR3 penalty, so λ is in reward units as in the other two scripts), and targets are TD(λ) with
+# λ = 0.6 as in pymarl2's fine-tuned QMIX.
 import math
 import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
@@ -28,18 +26,29 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
-from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
-                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
+from runtime import (
+    action_space_dict,
+    check_fits,
+    check_writable,
+    env_kwargs_of,
+    episodes_started,
+    fail,
+    first_line,
+    ignore_stop_signals,
+    keep_freed_memory,
+    read_resume_checkpoint,
+    restore_episode_counts,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_if_not_finite,
+    stop_on_signals,
+)
 
-# λ per env id, or per family ("lbf:"), from the short sweep documented in README; else the fallback.
-# λ is in reward units. Î of a factorised categorical is at most N·log A nats per step (3.6 for 2
-# agents and 6 actions) and an LBF episode pays at most 1 in total, so λ must be small there:
-# 1e-4 costs at most 0.018 per 50-step episode (Î ≈ 1 nat once the team learns); 1e-3 made the
-# penalty as large as the reward of the early, rarely successful episodes, and the team never learned.
+# λ per env id, or per family ("lbf:"), else the fallback; in reward units. How they were chosen: README, "mir3_qmix.py".
 DEFAULT_MI_COEF = {"lbf:": 1e-4}
 FALLBACK_MI_COEF = 0.01
-MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
 
 
 @dataclass
@@ -86,8 +95,8 @@ class Args:
     """the discount factor"""
     td_lambda: float = 0.6
     """λ of TD(λ) targets over the sampled episodes (0: pymarl's one-step target)"""
-    lr: float = 5e-4
-    """Adam learning rate of agent and mixer"""
+    learning_rate: Annotated[float, tyro.conf.arg(aliases=("--lr",))] = 5e-4
+    """Adam learning rate of agent and mixer (alias --lr)"""
     hidden_dim: int = 64
     """GRU width of the agent"""
     mixer_embed_dim: int = 32
@@ -110,8 +119,6 @@ class Args:
     # MIR3
     mi_coef: Optional[float] = None
     """λ, weight of the MI penalty r - λ·Î in reward units (0: plain QMIX; None: the per-env default)"""
-    mi_estimator: str = "club"
-    """MI upper bound: club, club-sample, l1out or vub"""
     club_lr: float = 5e-4
     """learning rate of the variational q(a|s)"""
     club_hidden_dim: int = 128
@@ -174,58 +181,37 @@ class QMixer(nn.Module):
 
 
 class CLUB(nn.Module):
-    """Variational q(a | s) over the joint action and the MI upper bounds built on it (discrete only).
+    """Variational q(a | s) of the joint action, factorised over agents: log q(a|s) = Σ_i log softmax(f(s))[i, a_i]
+    with one-hot actions a [B, N, A]; ``mi`` is the CLUB upper bound of I(s; a) built on it (Cheng et al. 2020).
+    The ablation bounds (club-sample, l1out, vub) live in mir3_maddpg.py."""
 
-    q factorises over agents, log q(a|s) = Σ_i log softmax(f(s))[i, a_i], with one-hot actions
-    a [B, N, A]. ``mi(s, a, estimator)`` returns a pointwise estimate [B] whose negatives come from
-    the batch:
-      club        log q(a_b|s_b) - 1/B Σ_b' log q(a_b'|s_b)       (closed form, O(B))
-      club-sample log q(a_b|s_b) - log q(a_π(b)|s_b)              (one shuffled negative)
-      l1out       log q(a_b|s_b) - log 1/K Σ_{k≠b} q(a_b|s_k)      (K ≤ 512 random rows)
-      vub         log q(a_b|s_b) - log r(a_b)                      (learned marginal r)
-    """
-
-    def __init__(self, state_dim: int, n_agents: int, n_actions: int, discrete: bool, hidden_dim: int):
+    def __init__(self, state_dim: int, n_agents: int, n_actions: int, hidden_dim: int):
         super().__init__()
-        if not discrete:
-            raise ValueError("mir3_qmix.CLUB supports discrete actions only (use mir3_maddpg.CLUB for Box actions)")
-        self.n_agents, self.n_actions, self.discrete = n_agents, n_actions, discrete
+        self.n_agents, self.n_actions = n_agents, n_actions
         width = n_agents * n_actions
         self.net = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(),
                                  nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, width))
-        self.marginal = nn.Parameter(torch.zeros(width))  # r(a) of the VUB bound
+        # a learned marginal r(a) (mir3_maddpg's vub bound): unused by mi() here, still trained, so that
+        # checkpoints and optimiser states keep the tensors they always had
+        self.marginal = nn.Parameter(torch.zeros(width))
 
-    def _logp(self, s):
+    def log_probs(self, s):
+        """log q(a_i = k | s) [B, N, A]."""
         return F.log_softmax(self.net(s).view(-1, self.n_agents, self.n_actions), -1)
 
     def log_q(self, s, a):
-        return (self._logp(s) * a).sum((-1, -2))
-
-    def log_marginal(self, a):
-        return (F.log_softmax(self.marginal.view(self.n_agents, self.n_actions), -1) * a).sum((-1, -2))
+        return (self.log_probs(s) * a).sum((-1, -2))
 
     def learning_loss(self, s, a):
-        """Negative log-likelihood of q(a|s) (and of the marginal r(a), used only by vub)."""
-        return -(self.log_q(s, a) + self.log_marginal(a)).mean()
+        """Negative log-likelihood of q(a|s) and of the marginal r(a)."""
+        log_r = (F.log_softmax(self.marginal.view(self.n_agents, self.n_actions), -1) * a).sum((-1, -2))
+        return -(self.log_q(s, a) + log_r).mean()
 
-    def mi(self, s, a, estimator: str = "club"):
-        logp = self._logp(s)
-        positive = (logp * a).sum((-1, -2))
-        if estimator == "club":  # mean over b' of one-hots, then one dot product per row
-            negative = (logp * a.mean(0)).sum((-1, -2))
-        elif estimator == "club-sample":
-            negative = (logp * a[torch.randperm(a.shape[0], device=a.device)]).sum((-1, -2))
-        elif estimator == "l1out":
-            k = torch.randperm(a.shape[0], device=a.device)[:512]
-            mat = torch.einsum("kia,bia->bk", logp[k], a)
-            own = k[None, :] == torch.arange(a.shape[0], device=a.device)[:, None]
-            mat = mat.masked_fill(own, -float("inf"))
-            negative = torch.logsumexp(mat, 1) - torch.log((~own).sum(1).clamp(min=1).float())
-        elif estimator == "vub":
-            negative = self.log_marginal(a)
-        else:
-            raise ValueError(f"unknown MI estimator {estimator!r}; choose from {MI_ESTIMATORS}")
-        return positive - negative
+    def mi(self, s, a):
+        """Pointwise CLUB estimate [B]: log q(a_b|s_b) - 1/B Σ_b' log q(a_b'|s_b), the negatives being the other rows
+        of the batch; the mean over b' of the one-hots makes it one dot product per row (O(B), not O(B²))."""
+        logp = self.log_probs(s)
+        return (logp * a).sum((-1, -2)) - (logp * a.mean(0)).sum((-1, -2))
 
 
 class EpisodeBuffer:
@@ -305,15 +291,6 @@ def lambda_returns(reward, terminated, q_next, mask, gamma: float, lam: float):
     return targets
 
 
-def shaped_rewards(reward, mi, mi_coef: float, mean, var, standardise: bool):
-    """Rewards of the TD target: r - λ·Î, then (with --standardise-rewards) standardised with the
-    running mean and variance of r. The penalty is subtracted before the division by σ_r, so λ is
-    in reward units, as in mir3_maddpg and mir3_mappo (subtracted after it, λ would act as λ·σ_r,
-    which on LBF is 6-150 times smaller and drifts as the team collects more food)."""
-    shaped = reward - mi_coef * mi
-    return (shaped - mean) / (var.sqrt() + 1e-8) if standardise else shaped
-
-
 def agent_inputs(obs, last_onehot, ids):
     """obs ⊕ one-hot last action ⊕ one-hot agent id, on [..., N, ·]."""
     return torch.cat((obs, last_onehot, ids.expand(*obs.shape[:-1], ids.shape[0])), -1)
@@ -328,13 +305,10 @@ def unit_box(low, high, device):
 
 
 class Policy:
-    """Greedy (ε-greedy in training) QMIX policy; ``load_policy`` returns a frozen one.
+    """Greedy (ε-greedy in training) QMIX policy on observations mapped onto [-1, 1] with the env's bounds, if any.
 
-    ``hidden`` is one tensor [E, N, H + A]: the GRU state ⊕ the one-hot of the agent's last action.
-    All zeros is the start of an episode (pymarl also feeds a zero "last action" at t = 0), so, as
-    in mir3_maddpg, callers zero the rows of envs that finish: ``hidden * (~done).view(-1, 1, 1)``.
-    ``obs_low``/``obs_high``: the env's observation bounds, if it has any; observations are mapped
-    onto [-1, 1] before they reach the agent (``scale_obs``).
+    ``hidden`` [E, N, H + A] is the GRU state ⊕ the one-hot last action; all zeros starts an episode (pymarl also
+    feeds a zero last action at t = 0), so callers zero the rows of envs that finish: ``hidden * (~done).view(-1, 1, 1)``.
     """
 
     def __init__(self, agent: RNNAgent, n_agents: int, n_actions: int, obs_low=None, obs_high=None):
@@ -365,10 +339,8 @@ class Policy:
 def executed_as_last_action(hidden, actions, n_actions: int):
     """Put the executed actions [E, N] into the last-action slot of a QMIX ``hidden`` [E, N, H + A].
 
-    ``Policy.act`` records the actions it chose; a caller that executes other ones (an attacker
-    rewriting them, as in ibal_qmix and attack_worstcase) calls this so that the agents' next input
-    is what was executed, as in the replay buffer. Here every chosen action is executed, so this
-    script itself never needs it.
+    For callers that execute other actions than the policy chose (an attacker rewriting them, as in ibal_qmix
+    and attack_worstcase), so that the agents' next input is what was executed; this script never needs it.
     """
     return torch.cat((hidden[..., :-n_actions], F.one_hot(actions, n_actions).float()), -1)
 
@@ -408,29 +380,45 @@ def evaluate(policy: Policy, env) -> tuple:
     return returns, success
 
 
+def input_bounds(env, device):
+    """The env's observation bounds (lists, or None) and the state's (center, half-width) box.
+
+    LBF's observations are raw grid coordinates and levels: fed as they are, a fresh mixer starts at Q_tot far
+    above the returns (≤ 1), a bias that bootstrapped time limits barely shrink. Envs that declare their
+    observation space as ``obs_low``/``obs_high`` (LBF, SMAX) get obs and state (the agents' observations
+    concatenated) mapped onto [-1, 1]. Not ``env.obs_bounds()``: the other envs' bounds (±inf on quads) were
+    never applied, and applying them now would change every result trained on them.
+    """
+    obs_low, obs_high = getattr(env, "obs_low", None), getattr(env, "obs_high", None)
+    if obs_low is not None:
+        obs_low, obs_high = obs_low.tolist(), obs_high.tolist()
+    state_bounds = obs_low is not None and env.state_dim == env.n_agents * env.obs_dim
+    return obs_low, obs_high, unit_box(obs_low * env.n_agents if state_bounds else None,
+                                       obs_high * env.n_agents if state_bounds else None, device)
+
+
+# the range of every numeric flag: a value outside it would run, but silently wrong
+FLAG_RANGES = (
+    ("be >= 1", lambda v: v >= 1, ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim",
+                                   "mixer_embed_dim", "hypernet_dim", "eval_episodes", "target_update_interval",
+                                   "club_hidden_dim", "club_window", "club_batch_size")),
+    ("be >= 0", lambda v: v >= 0, ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval", "mi_coef")),
+    ("lie in [0, 1]", lambda v: 0 <= v <= 1, ("gamma", "td_lambda", "epsilon_start", "epsilon_finish")),
+    ("be > 0", lambda v: v > 0, ("learning_rate", "club_lr", "max_grad_norm", "updates_per_episode")),
+)
+
+
 def check_args(args: Args) -> None:
-    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    """Refuse a flag out of its range at start-up, with one line; NaN and ±inf never pass."""
     if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
         fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "mixer_embed_dim",
-                 "hypernet_dim", "eval_episodes", "target_update_interval", "club_hidden_dim", "club_window",
-                 "club_batch_size"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    unit, positive = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0")
-    for name, (ok, rule) in {"mi_coef": (lambda v: v >= 0, "be >= 0"), "gamma": unit, "td_lambda": unit,
-                             "epsilon_start": unit, "epsilon_finish": unit, "lr": positive, "club_lr": positive,
-                             "max_grad_norm": positive, "updates_per_episode": positive}.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-        if not ok(value):
-            fail(f"{flag} must {rule}, got {value}")
-    if args.mi_estimator not in MI_ESTIMATORS:
-        fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
+    for rule, ok, names in FLAG_RANGES:
+        for name in names:
+            value, flag = getattr(args, name), "--" + name.replace("_", "-")
+            if not math.isfinite(value):
+                fail(f"{flag} must be a finite number, got {value}")
+            if not ok(value):
+                fail(f"{flag} must {rule}, got {value}")
 
 
 # --resume: besides the weights, a checkpoint's "continuation" holds what a run needs to go on: optimiser and
@@ -447,11 +435,12 @@ if __name__ == "__main__":
     resumed = None
     if args.resume is not None:
         resumed = read_resume_checkpoint(args.resume, "mir3_qmix", CONTINUATION_KEYS, MODEL_FLAGS)
+        if "lr" in resumed["args"]:  # saved before --lr became --learning-rate
+            resumed["args"]["learning_rate"] = resumed["args"].pop("lr")
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
     keep_freed_memory()
     if args.mi_coef is None:
-        family = args.env_id.partition(":")[0] + ":"
-        args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, DEFAULT_MI_COEF.get(family, FALLBACK_MI_COEF))
+        args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, DEFAULT_MI_COEF.get(args.env_id.split(":")[0] + ":", FALLBACK_MI_COEF))
     check_args(args)
     env_kwargs = env_kwargs_of(args, example='{"max_episode_steps": 25}') if resumed is None else resumed["env_kwargs"]
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -471,132 +460,70 @@ if __name__ == "__main__":
         if not env.is_discrete:
             fail(f"mir3_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
                  f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete) or mir3_maddpg.py")
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
-                             device=device, **env_kwargs)
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device, **env_kwargs)
     except (ValueError, ImportError) as e:
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
     N, T, A = env.n_agents, env.episode_limit, env.n_actions
+    space = action_space_dict(env.action_space)
     if resumed is not None:
-        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                           "action_space": action_space_dict(env.action_space)}.items():
+        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space}.items():
             if resumed[key] != value:  # the env's code changed since the checkpoint was written
                 fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
     if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
         os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
-
-    # refuse a replay buffer and CLUB window (allocated below) that cannot fit, before building anything
     capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
     check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A)
                + args.club_window * (4 * env.state_dim + 8 * N),
                f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
                "the replay buffer and the CLUB window", "lower --buffer-size (or --club-window, --n-agents)", device)
-
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: initialize agent here
-    ids = torch.eye(N, device=device)
-    in_dim = env.obs_dim + A + N
-    agent, target_agent = RNNAgent(in_dim, A, args.hidden_dim).to(device), RNNAgent(in_dim, A, args.hidden_dim).to(device)
+    agent = RNNAgent(env.obs_dim + A + N, A, args.hidden_dim).to(device)
+    target_agent = RNNAgent(env.obs_dim + A + N, A, args.hidden_dim).to(device)
     mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
     target_mixer = QMixer(env.state_dim, N, args.mixer_embed_dim, args.hypernet_dim).to(device)
     target_agent.load_state_dict(agent.state_dict())
     target_mixer.load_state_dict(mixer.state_dict())
     params = list(agent.parameters()) + list(mixer.parameters())
-    optimizer = optim.Adam(params, lr=args.lr)
-    if args.mi_coef > 0:  # with λ = 0 nothing is built, so plain QMIX draws exactly the same random numbers
-        club = CLUB(env.state_dim, N, A, True, args.club_hidden_dim).to(device)
+    optimizer = optim.Adam(params, lr=args.learning_rate)
+    # no CLUB at λ = 0: building it draws random numbers, which would change every λ = 0 result (and plain QMIX
+    # would no longer train the very weights of ibal_qmix --attack-k 0)
+    if args.mi_coef > 0:
+        club = CLUB(env.state_dim, N, A, args.club_hidden_dim).to(device)
         club_opt = optim.Adam(club.parameters(), lr=args.club_lr)
-
     rb = EpisodeBuffer(capacity, T, args.num_envs, N, env.obs_dim, env.state_dim, A, device)
-    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s); W·(4·S + 8·N) bytes
+    # q(a|s) learns the current policy: it trains on the most recent (state, joint action) pairs only
     club_states = torch.zeros(args.club_window, env.state_dim, device=device)
     club_actions = torch.zeros(args.club_window, N, dtype=torch.int64, device=device)
     club_ptr, club_count = 0, 0
     reward_mean, reward_var, reward_count = torch.zeros((), device=device), torch.ones((), device=device), 1e-4
-
-    space = action_space_dict(env.action_space)
-    # LBF observations are raw grid coordinates and levels (up to the grid size); fed as they are,
-    # the hypernetworks start with Q_tot ≈ 5-20 across states against returns ≤ 1, a bias that
-    # bootstrapped time limits (γ = 0.99) barely shrink. Map obs and state onto [-1, 1] (LBF's
-    # state is the concatenation of the agents' observations); envs without bounds pass unchanged.
-    obs_low, obs_high = getattr(env, "obs_low", None), getattr(env, "obs_high", None)
-    if obs_low is not None:
-        obs_low, obs_high = obs_low.tolist(), obs_high.tolist()
+    obs_low, obs_high, (state_center, state_half) = input_bounds(env, device)  # LBF: raw grid coordinates to [-1, 1]
     policy = Policy(agent, N, A, obs_low, obs_high)
-    state_bounds = obs_low is not None and env.state_dim == N * env.obs_dim
-    state_center, state_half = unit_box(obs_low * N if state_bounds else None,
-                                        obs_high * N if state_bounds else None, device)
+
     optimizers = {"qmix": optimizer, **({"club": club_opt} if args.mi_coef > 0 else {})}
     targets = {"agent": target_agent, "mixer": target_mixer}
-
-    def checkpoint() -> dict:
-        return {"script": "mir3_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
-                "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                "obs_low": obs_low, "obs_high": obs_high,
-                "action_space": space, "global_step": global_step,
-                "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(),
-                           **({"club": club.state_dict()} if args.mi_coef > 0 else {})},
-                "continuation": {  # what --resume needs (the CLUB window refills with the replay buffer)
-                    "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
-                    "targets": {k: net.state_dict() for k, net in targets.items()},
-                    "rng": rng_state(device),
-                    "counters": {"updates": updates, "last_save": last_save, "last_eval": last_eval,
-                                 "last_log": last_log, "credit": credit},
-                    "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
-                    "norms": {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count},
-                    "recent_returns": recent_returns}}
-
     watched = {"agent weights": agent, "mixer weights": mixer, **({"club weights": club} if args.mi_coef > 0 else {})}
 
     def save() -> str:
-        stop_if_not_finite(global_step, metrics, watched)
-        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", checkpoint())
-
-    def update(batch) -> dict:
-        mask, avail = batch["mask"], batch["avail"]
-        state = (batch["state"] - state_center) / state_half
-        valid = mask.bool()
-        n_valid = mask.sum()
-        actions = batch["actions"]  # [B, L, N]
-        onehot = F.one_hot(actions, A).float()
-        last = torch.cat((torch.zeros_like(onehot[:, :1]), onehot), 1)  # last action before step t
-        x = agent_inputs(policy.scale_obs(batch["obs"]), last, ids)  # [B, L+1, N, in]
-        q_all = agent.unroll(x)
-        chosen = q_all[:, :-1].gather(-1, actions[..., None]).squeeze(-1)
-        with torch.no_grad():
-            # double Q: the online net picks the next action, the target net evaluates it
-            best = q_all[:, 1:].masked_fill(~avail[:, 1:], -float("inf")).argmax(-1, keepdim=True)
-            q_next = target_agent.unroll(x)[:, 1:].gather(-1, best).squeeze(-1)
-            q_tot_next = target_mixer(q_next, state[:, 1:])
-            mi = torch.zeros_like(mask)
-            if args.mi_coef > 0:
-                mi[valid] = club.mi(state[:, :-1][valid], onehot[valid], args.mi_estimator)
-            reward = shaped_rewards(batch["reward"], mi, args.mi_coef, reward_mean, reward_var, args.standardise_rewards)
-            target = lambda_returns(reward, batch["terminated"], q_tot_next, mask, args.gamma, args.td_lambda)
-        q_tot = mixer(chosen, state[:, :-1])
-        td = (q_tot - target) * mask
-        loss = (td**2).sum() / n_valid
-        optimizer.zero_grad()
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        logs = {"losses/td_loss": loss.item(), "losses/grad_norm": grad_norm.item(),
-                "losses/q_taken_mean": (q_tot * mask).sum().item() / n_valid.item(),
-                "losses/target_mean": (target * mask).sum().item() / n_valid.item()}
-        if args.mi_coef > 0:
-            logs["mi/upper_bound"] = mi[valid].mean().item()
-            logs["mi/penalty"] = args.mi_coef * logs["mi/upper_bound"]  # mean λ·Î per step, in reward units
-        return logs
-
-    def club_step() -> float:
-        idx = torch.randint(min(club_count, args.club_window), (args.club_batch_size,), device=device)
-        loss = club.learning_loss(club_states[idx], F.one_hot(club_actions[idx], A).float())
-        club_opt.zero_grad()
-        loss.backward()
-        club_opt.step()
-        return loss.item()
+        stop_if_not_finite(global_step, metrics, watched)  # a diverged run never overwrites a good checkpoint
+        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", {
+            "script": "mir3_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
+            "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "obs_low": obs_low, "obs_high": obs_high,
+            "action_space": space, "global_step": global_step,
+            "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(),
+                       **({"club": club.state_dict()} if args.mi_coef > 0 else {})},
+            "continuation": {  # what --resume needs (the CLUB window refills with the replay buffer)
+                "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+                "targets": {k: net.state_dict() for k, net in targets.items()},
+                "rng": rng_state(device),
+                "counters": {"updates": updates, "last_save": last_save, "last_eval": last_eval, "last_log": last_log,
+                             "credit": credit},
+                "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
+                "norms": {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count},
+                "recent_returns": recent_returns}})
 
     # TRY NOT TO MODIFY: start the game
     print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
@@ -625,8 +552,8 @@ if __name__ == "__main__":
             restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-        for name, opt in optimizers.items():
-            opt.param_groups[0]["lr"] = args.club_lr if name == "club" else args.lr  # the command line's lr wins
+        for name, opt in optimizers.items():  # the command line's learning rates win
+            opt.param_groups[0]["lr"] = args.club_lr if name == "club" else args.learning_rate
         print(f"resuming {args.resume} at global_step={global_step}: new episodes, and no learning during the "
               f"first {args.learning_starts} steps, which refill the replay buffer (and until it holds "
               f"{args.batch_size} episodes)", flush=True)
@@ -646,12 +573,12 @@ if __name__ == "__main__":
             actions, hidden = policy.act(obs, avail, hidden, epsilon)
             next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(actions)
             done = terminated | truncated
-            # TRY NOT TO MODIFY: save data to replay buffer; handle `final_observation`
             # running reward statistics (parallel-variance update, as epymarl's RunningMeanStd)
             delta, n = reward.mean() - reward_mean, reward_count + args.num_envs
             reward_var = (reward_var * reward_count + reward.var(unbiased=False) * args.num_envs
                           + delta**2 * reward_count * args.num_envs / n) / n
             reward_mean, reward_count = reward_mean + delta * args.num_envs / n, n
+            # TRY NOT TO MODIFY: save data to replay buffer; handle `final_observation`
             rb.add(obs, state, avail, actions, reward, terminated, done,
                    info["final_obs"], info["final_state"], info["final_avail"])
             if args.mi_coef > 0:
@@ -664,25 +591,64 @@ if __name__ == "__main__":
 
             if bool(done.any()):
                 hidden = hidden * (~done).view(-1, 1, 1)  # new episodes: zero GRU state and last action
-                n_done = int(done.sum())
                 recent_returns = (recent_returns + info["episode_return"][done].tolist())[-100:]
                 writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
                 writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
                 writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
 
-                # ALGO LOGIC: training.
-                if global_step >= learning_from and rb.num_episodes() >= args.batch_size:
-                    credit += n_done * args.updates_per_episode
-                    while credit >= 1:
-                        credit -= 1
+            # ALGO LOGIC: training, --updates-per-episode gradient steps per finished episode
+            if bool(done.any()) and global_step >= learning_from and rb.num_episodes() >= args.batch_size:
+                credit += int(done.sum()) * args.updates_per_episode
+                while credit >= 1:
+                    credit -= 1
+                    if args.mi_coef > 0:  # one maximum-likelihood step of q(a|s) on the recent pairs
+                        idx = torch.randint(min(club_count, args.club_window), (args.club_batch_size,), device=device)
+                        club_loss = club.learning_loss(club_states[idx], F.one_hot(club_actions[idx], A).float())
+                        club_opt.zero_grad()
+                        club_loss.backward()
+                        club_opt.step()
+                        metrics["losses/club_loss"] = club_loss.item()
+                    batch = rb.sample(args.batch_size)  # whole episodes [B, L(+1), ...]
+                    mask = batch["mask"]
+                    valid = mask.bool()
+                    b_state = (batch["state"] - state_center) / state_half
+                    onehot = F.one_hot(batch["actions"], A).float()
+                    last = torch.cat((torch.zeros_like(onehot[:, :1]), onehot), 1)  # the last action before step t
+                    x = agent_inputs(policy.scale_obs(batch["obs"]), last, policy.ids)  # [B, L+1, N, in]
+                    q_all = agent.unroll(x)
+                    chosen = q_all[:, :-1].gather(-1, batch["actions"][..., None]).squeeze(-1)
+                    with torch.no_grad():
+                        # double Q: the online net picks the next action, the target net evaluates it
+                        best = q_all[:, 1:].masked_fill(~batch["avail"][:, 1:], -float("inf")).argmax(-1, keepdim=True)
+                        q_next = target_agent.unroll(x)[:, 1:].gather(-1, best).squeeze(-1)
+                        q_tot_next = target_mixer(q_next, b_state[:, 1:])
+                        mi = torch.zeros_like(mask)
                         if args.mi_coef > 0:
-                            metrics["losses/club_loss"] = club_step()
-                        metrics.update(update(rb.sample(args.batch_size)))
-                        updates += 1
-                        if updates % args.target_update_interval == 0:  # update the target network
-                            target_agent.load_state_dict(agent.state_dict())
-                            target_mixer.load_state_dict(mixer.state_dict())
-                    stop_if_not_finite(global_step, metrics)
+                            mi[valid] = club.mi(b_state[:, :-1][valid], onehot[valid])
+                        # MIR3: r - λ·Î, in reward units, then standardised with the running statistics of r
+                        shaped = batch["reward"] - args.mi_coef * mi
+                        if args.standardise_rewards:
+                            shaped = (shaped - reward_mean) / (reward_var.sqrt() + 1e-8)
+                        target = lambda_returns(shaped, batch["terminated"], q_tot_next, mask, args.gamma, args.td_lambda)
+                    q_tot = mixer(chosen, b_state[:, :-1])
+                    loss = (((q_tot - target) * mask) ** 2).sum() / mask.sum()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    updates += 1
+                    if updates % args.target_update_interval == 0:  # update the target networks
+                        target_agent.load_state_dict(agent.state_dict())
+                        target_mixer.load_state_dict(mixer.state_dict())
+                    metrics["losses/td_loss"] = loss.item()
+                    metrics["losses/grad_norm"] = grad_norm.item()
+                    metrics["losses/q_values"] = (q_tot * mask).sum().item() / mask.sum().item()
+                    metrics["losses/target_mean"] = (target * mask).sum().item() / mask.sum().item()
+                    if args.mi_coef > 0:
+                        metrics["mi/upper_bound"] = mi[valid].mean().item()
+                        metrics["mi/penalty"] = args.mi_coef * metrics["mi/upper_bound"]  # mean λ·Î per step
+                stop_if_not_finite(global_step, metrics)
+
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
                 stop_if_not_finite(global_step, metrics, watched)
@@ -691,7 +657,6 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/epsilon", epsilon, global_step)
                 writer.add_scalar("charts/reward_std", reward_var.sqrt().item(), global_step)  # σ_r of the standardisation
                 writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
-
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
                 last_eval = global_step
                 returns, success = evaluate(policy, eval_env)

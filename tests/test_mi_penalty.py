@@ -194,15 +194,16 @@ def test_qmix_penalty_is_in_raw_reward_units(tmp_path, monkeypatch):
     r − λ·Î: the penalty is subtracted before the standardisation, so λ is in reward units, as in the other
     backbones. With rewards of scale 10 (σ_r ≈ 4), standardising first and subtracting λ·Î after would
     not be affine in r − λ·Î, nor would a target without the penalty."""
-    lam, checked = 0.7, []
+    lam, checked, last = 0.7, [], {}
 
     def capture(frame):
-        if frame.f_code.co_name != "update":
-            return
-        f, g = frame.f_locals, frame.f_globals
-        valid = f["valid"]
-        mi = club_by_hand(g["club"], f["state"][:, :-1][valid], f["onehot"][valid])
-        checked.append((f["target"][valid], f["batch"]["reward"][valid], lam * mi))
+        g = frame.f_globals  # the update is inline in the training loop, at module level
+        if frame.f_code.co_name != "<module>" or g.get("target") is last.get("target"):
+            return  # CLUB's own step: before the first update, or still seeing the previous update's target
+        last["target"] = g["target"]
+        valid = g["valid"]
+        mi = club_by_hand(g["club"], g["b_state"][:, :-1][valid], g["onehot"][valid])
+        checked.append((g["target"][valid], g["batch"]["reward"][valid], lam * mi))
 
     watch_backward(monkeypatch, capture)
     run_in_process("mir3_qmix", tmp_path, [
@@ -280,7 +281,7 @@ BEHAVIOUR = {
         "--episode-limit", "4", "--num-envs", "16", "--total-timesteps", "3000", "--batch-size", "8",
         "--updates-per-episode", "0.4", "--epsilon-anneal-steps", "1000", "--buffer-size", "2000",
         "--hidden-dim", "32", "--club-hidden-dim", "32", "--club-batch-size", "128", "--club-window", "1024",
-        "--gamma", "0", "--target-update-interval", "20", "--lr", "3e-3"],
+        "--gamma", "0", "--target-update-interval", "20", "--learning-rate", "3e-3"],
 }
 LARGE_MI_COEF = 10.0
 

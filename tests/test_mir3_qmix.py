@@ -19,8 +19,9 @@ import envs
 import helpers
 import ibal_qmix
 import mir3_qmix
-from mir3_qmix import QMixer, lambda_returns, load_policy, shaped_rewards
-from test_mi_penalty import run_on_context
+import test_mi_penalty
+from mir3_qmix import QMixer, lambda_returns, load_policy
+from test_mi_penalty import club_by_hand, run_on_context, watch_backward
 
 SCRIPT = os.path.join(helpers.ROOT, "mir3_qmix.py")
 TINY = ["--total-timesteps", "480", "--num-envs", "4", "--batch-size", "2", "--eval-interval", "240",
@@ -103,9 +104,9 @@ def test_qmix_learns_small_lbf_task(tmp_path):
 
 
 SMOKE = [
-    ("quads-same-goal-discrete", ["--n-agents", "2", "--episode-limit", "20", "--mi-estimator", "l1out"]),
-    ("quads-swarm-vs-swarm-discrete", ["--n-agents", "2", "--episode-limit", "20", "--mi-estimator", "vub"]),
-    ("lbf:Foraging-5x5-2p-1f-v3", ["--mi-estimator", "club-sample", "--env-kwargs", '{"max_episode_steps": 25}']),
+    ("quads-same-goal-discrete", ["--n-agents", "2", "--episode-limit", "20"]),
+    ("quads-swarm-vs-swarm-discrete", ["--n-agents", "2", "--episode-limit", "20"]),
+    ("lbf:Foraging-5x5-2p-1f-v3", ["--env-kwargs", '{"max_episode_steps": 25}']),
 ]
 RENDEZVOUS = ["--env-id", "rendezvous-discrete", "--n-agents", "3", "--episode-limit", "20", *TINY]
 
@@ -168,11 +169,11 @@ BAD_INPUT = {
     "mi-coef-inf": (["--mi-coef", "inf"], "--mi-coef must be a finite number, got inf"),
     "gamma-nan": (["--gamma", "nan"], "--gamma must be a finite number"),
     "td-lambda": (["--td-lambda", "1.5"], "--td-lambda must lie in [0, 1], got 1.5"),
-    "lr": (["--lr", "0"], "--lr must be > 0"),
+    "learning-rate": (["--learning-rate", "0"], "--learning-rate must be > 0"),
+    "lr-alias": (["--lr", "-1e-3"], "--learning-rate must be > 0, got -0.001"),
     "epsilon": (["--epsilon-finish", "-0.1"], "--epsilon-finish must lie in [0, 1]"),
     "unknown-env": (["--env-id", "no-such-env"], "unknown env id 'no-such-env'"),
     "box-actions": (["--env-id", "rendezvous", "--n-agents", "3"], "mir3_qmix needs discrete actions"),
-    "estimator": (["--mi-estimator", "mine"], "--mi-estimator must be one of"),
     "num-envs": (["--num-envs", "0"], "--num-envs must be >= 1"),
     "env-kwargs-json": (["--env-kwargs", "{max_episode_steps: 25}"], "--env-kwargs must be a JSON object"),
     "env-kwargs-list": (["--env-kwargs", "[25]"], "--env-kwargs must be a JSON object"),
@@ -206,16 +207,34 @@ def test_replay_buffer_beyond_memory_exits_with_the_estimate(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_penalty_is_subtracted_before_standardisation():
-    """λ is in reward units: the TD target's reward is (r - λ·Î - μ_r) / σ_r, not (r - μ_r) / σ_r - λ·Î."""
-    reward, mi = torch.full((2, 5), 0.3), torch.rand(2, 5) * 3
-    mean, var = torch.tensor(0.3), torch.tensor(0.01)  # a constant stream: only the penalty is left
-    shaped = shaped_rewards(reward, mi, 0.5, mean, var, True)
-    assert torch.allclose(shaped, -0.5 * mi / 0.1, atol=1e-5)
-    assert torch.allclose(shaped_rewards(reward, mi, 0.5, mean, var, False), reward - 0.5 * mi)
-    # λ = 0 is plain standardisation, bit for bit (ibal_qmix --attack-k 0 trains the same weights)
-    r = torch.rand(3, 4)
-    assert torch.equal(shaped_rewards(r, torch.zeros(3, 4), 0.0, mean, var, True), (r - mean) / (var.sqrt() + 1e-8))
+@pytest.mark.parametrize("standardise", [True, False], ids=["standardised", "raw"])
+def test_penalty_is_subtracted_before_standardisation(tmp_path, monkeypatch, standardise):
+    """λ is in reward units: with γ = 0 the TD target of every update is the reward term alone, r - λ·Î, and with
+    --standardise-rewards (r - λ·Î - μ_r) / σ_r with the running statistics of that moment, not (r - μ_r) / σ_r - λ·Î.
+    Î is computed by hand from the run's own q(a|s). (λ = 0 is plain QMIX bit for bit: test_ibal_qmix's K = 0 run.)"""
+    lam, checked, last = 0.5, [], {}
+
+    def capture(frame):
+        g = frame.f_globals  # the update is inline in the training loop, at module level
+        if frame.f_code.co_name != "<module>" or g.get("target") is last.get("target"):
+            return  # CLUB's own step: before the first update, or still seeing the previous update's target
+        last["target"] = g["target"]
+        valid = g["valid"]
+        mi = club_by_hand(g["club"], g["b_state"][:, :-1][valid], g["onehot"][valid])
+        expected = g["batch"]["reward"][valid] - lam * mi
+        if standardise:
+            expected = (expected - g["reward_mean"]) / (g["reward_var"].sqrt() + 1e-8)
+        checked.append((g["target"][valid], expected, lam * mi))
+
+    watch_backward(monkeypatch, capture)
+    test_mi_penalty.run_in_process("mir3_qmix", tmp_path, [
+        "--env-id", "context", "--num-envs", "8", "--total-timesteps", "480", "--batch-size", "8", "--gamma", "0",
+        "--hidden-dim", "16", "--club-hidden-dim", "16", "--club-batch-size", "64", "--eval-interval", "0",
+        "--no-save-model", "--mi-coef", lam, *([] if standardise else ["--no-standardise-rewards"])], monkeypatch)
+    assert len(checked) >= 10
+    for target, expected, _ in checked:
+        torch.testing.assert_close(target, expected, atol=1e-5, rtol=1e-5)
+    assert max(p.abs().max().item() for *_, p in checked) > 1e-2  # Î is not ~0, so the check can fail
 
 
 def test_executed_as_last_action_matches_ibal_qmix():
