@@ -20,12 +20,28 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
-from runtime import (action_space_dict, check_fits, check_writable, env_kwargs_of, episodes_started, fail, first_line,
-                     ignore_stop_signals, keep_freed_memory, read_resume_checkpoint, restore_episode_counts, resumed_args,
-                     rng_state, save_checkpoint, set_rng_state, stop_if_not_finite, stop_on_signals)
+from runtime import (
+    action_space_dict,
+    check_fits,
+    check_writable,
+    env_kwargs_of,
+    episodes_started,
+    fail,
+    first_line,
+    ignore_stop_signals,
+    keep_freed_memory,
+    read_resume_checkpoint,
+    restore_episode_counts,
+    resumed_args,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_if_not_finite,
+    stop_on_signals,
+)
 
-# λ per env id (README, "λ sweep"); other ids fall back by action type: a Gaussian CLUB grows like
-# Σ_d var(a_d)/σ_d² (hundreds of nats for 20 action dims), a factorised categorical one stays below N·log A
+# λ per env id (README, "λ sweep"); other ids fall back by action type: a Gaussian CLUB grows like Σ_d var(a_d)/σ_d²,
+# a factorised categorical one stays below N·log A
 DEFAULT_MI_COEF = {"rendezvous": 1e-4, "rendezvous-discrete": 1e-3}
 FALLBACK_MI_COEF = {False: 1e-4, True: 1e-3}  # by is_discrete
 MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
@@ -75,10 +91,8 @@ class Args:
     """the discount factor"""
     tau: float = 0.01
     """soft target update rate"""
-    actor_lr: float = 1e-3
-    """learning rate of the actor"""
-    critic_lr: float = 1e-3
-    """learning rate of the critic"""
+    learning_rate: float = 1e-3
+    """the learning rate of the actor and critic optimizers"""
     hidden_dim: int = 128
     """hidden width of actor and critic"""
     rnn: bool = False
@@ -109,10 +123,6 @@ class Args:
     """env steps between greedy evaluations (0: never)"""
     eval_episodes: int = 32
     """episodes per evaluation (run in parallel)"""
-
-
-def one_hot_ids(n_agents: int, device) -> torch.Tensor:
-    return torch.eye(n_agents, device=device)
 
 
 def with_ids(obs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -181,15 +191,10 @@ class Critic(nn.Module):
 
 
 class CLUB(nn.Module):
-    """Variational q(a | s) over the joint action and the MI upper bounds built on it.
+    """Variational q(a | s) over the joint action and the CLUB upper bound of I(s; a) built on it (Cheng et al., 2020).
 
     Discrete: q factorises over agents, log q(a|s) = Σ_i log softmax(f(s))[i, a_i], with one-hot
     actions a [B, N, A]. Continuous: a diagonal Gaussian over the N·d joint action, a [B, N, d].
-    ``mi(s, a, estimator)`` returns a pointwise estimate [B] whose negatives come from the batch:
-      club        log q(a_b|s_b) - 1/B Σ_b' log q(a_b'|s_b)       (closed form, O(B))
-      club-sample log q(a_b|s_b) - log q(a_π(b)|s_b)              (one shuffled negative)
-      l1out       log q(a_b|s_b) - log 1/K Σ_{k≠b} q(a_b|s_k)      (K ≤ 512 random rows)
-      vub         log q(a_b|s_b) - log r(a_b)                      (learned marginal r)
     """
 
     def __init__(self, state_dim: int, n_agents: int, n_actions: int, discrete: bool, hidden_dim: int):
@@ -198,7 +203,7 @@ class CLUB(nn.Module):
         width = n_agents * n_actions * (1 if discrete else 2)
         self.net = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(),
                                  nn.Linear(hidden_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, width))
-        self.marginal = nn.Parameter(torch.zeros(width))  # r(a) of the VUB bound
+        self.marginal = nn.Parameter(torch.zeros(width))  # r(a) of the vub ablation
 
     def _params(self, s):
         out = self.net(s)
@@ -228,36 +233,43 @@ class CLUB(nn.Module):
         return -(self.log_q(s, a) + self.log_marginal(a)).mean()
 
     def mi(self, s, a, estimator: str = "club"):
+        """Pointwise [B]: Î_b = log q(a_b|s_b) - 1/B Σ_b' log q(a_b'|s_b), the mean over b' in closed form (O(B))."""
         params = self._params(s)
         positive = self._log_density(params, a)
-        if estimator == "club":
-            if self.discrete:  # mean over b' of one-hots, then one dot product per row
-                negative = (params[0] * a.mean(0)).sum((-1, -2))
-            else:
-                mu, logvar = params
-                af = a.flatten(-2)
-                second = (mu - af.mean(0)) ** 2 + af.var(0, unbiased=False)
-                negative = -0.5 * (second * torch.exp(-logvar) + logvar + np.log(2 * np.pi)).sum(-1)
-        elif estimator == "club-sample":
-            negative = self._log_density(params, a[torch.randperm(a.shape[0], device=a.device)])
-        elif estimator == "l1out":
-            k = torch.randperm(a.shape[0], device=a.device)[:512]
-            if self.discrete:
-                mat = torch.einsum("kia,bia->bk", params[0][k], a)
-            else:
-                mu, logvar = params[0][k], params[1][k]
-                inv = torch.exp(-logvar)
-                af = a.flatten(-2)
-                quad = (af**2) @ inv.T - 2 * af @ (mu * inv).T + (mu**2 * inv).sum(-1)
-                mat = -0.5 * (quad + (logvar + np.log(2 * np.pi)).sum(-1))
-            own = k[None, :] == torch.arange(a.shape[0], device=a.device)[:, None]
-            mat = mat.masked_fill(own, -float("inf"))
-            negative = torch.logsumexp(mat, 1) - torch.log((~own).sum(1).clamp(min=1).float())
-        elif estimator == "vub":
-            negative = self.log_marginal(a)
-        else:
-            raise ValueError(f"unknown MI estimator {estimator!r}; choose from {MI_ESTIMATORS}")
+        if estimator != "club":
+            return positive - self._ablation_negative(params, a, estimator)
+        if self.discrete:  # mean over b' of one-hots, then one dot product per row
+            negative = (params[0] * a.mean(0)).sum((-1, -2))
+        else:  # the mean over b' of Gaussian log-densities needs only the batch's mean and variance of a
+            mu, logvar = params
+            af = a.flatten(-2)
+            second = (mu - af.mean(0)) ** 2 + af.var(0, unbiased=False)
+            negative = -0.5 * (second * torch.exp(-logvar) + logvar + np.log(2 * np.pi)).sum(-1)
         return positive - negative
+
+    # Ablations (--mi-estimator): other negative terms, also drawn from the batch
+    #   club-sample  log q(a_π(b)|s_b)                one shuffled negative
+    #   l1out        log 1/K Σ_{k≠b} q(a_b|s_k)       K ≤ 512 random rows
+    #   vub          log r(a_b)                       the learned marginal r
+    def _ablation_negative(self, params, a, estimator: str):
+        if estimator == "club-sample":
+            return self._log_density(params, a[torch.randperm(a.shape[0], device=a.device)])
+        if estimator == "vub":
+            return self.log_marginal(a)
+        if estimator != "l1out":
+            raise ValueError(f"unknown MI estimator {estimator!r}; choose from {MI_ESTIMATORS}")
+        k = torch.randperm(a.shape[0], device=a.device)[:512]
+        if self.discrete:
+            mat = torch.einsum("kia,bia->bk", params[0][k], a)
+        else:
+            mu, logvar = params[0][k], params[1][k]
+            inv = torch.exp(-logvar)
+            af = a.flatten(-2)
+            quad = (af**2) @ inv.T - 2 * af @ (mu * inv).T + (mu**2 * inv).sum(-1)
+            mat = -0.5 * (quad + (logvar + np.log(2 * np.pi)).sum(-1))
+        own = k[None, :] == torch.arange(a.shape[0], device=a.device)[:, None]
+        mat = mat.masked_fill(own, -float("inf"))
+        return torch.logsumexp(mat, 1) - torch.log((~own).sum(1).clamp(min=1).float())
 
 
 class EpisodeBuffer:
@@ -342,7 +354,7 @@ class Policy:
     def __init__(self, actor: Actor, n_agents: int, discrete: bool, low=None, high=None):
         self.actor, self.n_agents, self.discrete = actor, n_agents, discrete
         self.device = next(actor.parameters()).device
-        self.ids = one_hot_ids(n_agents, self.device)
+        self.ids = torch.eye(n_agents, device=self.device)  # one-hot agent ids
         if not discrete:
             low, high = torch.as_tensor(low, device=self.device), torch.as_tensor(high, device=self.device)
             self.scale, self.bias = (high - low) / 2, (high + low) / 2
@@ -394,22 +406,21 @@ def evaluate(policy: Policy, env) -> tuple:
 
 
 def check_args(args: Args) -> None:
-    """Refuse out-of-range flags at start-up; NaN and ±inf never pass."""
+    """Refuse out-of-range flags at start-up, one line and exit 2; NaN and ±inf never pass."""
     if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
         fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    for name in ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
-                 "policy_frequency", "club_hidden_dim", "club_batch_size", "club_window"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("learning_starts", "eval_interval", "save_interval"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    unit, positive = (lambda v: 0 <= v <= 1, "lie in [0, 1]"), (lambda v: v > 0, "be > 0")
-    for name, (ok, rule) in {"mi_coef": (lambda v: v >= 0, "be >= 0"), "gamma": unit,
-                             "tau": (lambda v: 0 < v <= 1, "lie in (0, 1]"), "actor_lr": positive,
-                             "critic_lr": positive, "club_lr": positive, "replay_ratio": positive,
-                             "max_grad_norm": positive,
-                             "exploration_noise": (lambda v: v >= 0, "be >= 0")}.items():
+    at_least_1 = (lambda v: v >= 1, "be >= 1")
+    at_least_0 = (lambda v: v >= 0, "be >= 0")
+    positive = (lambda v: v > 0, "be > 0")
+    rules = {  # flag: (test, what the flag must do)
+        **dict.fromkeys(("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
+                         "policy_frequency", "club_hidden_dim", "club_batch_size", "club_window"), at_least_1),
+        **dict.fromkeys(("learning_starts", "eval_interval", "save_interval", "mi_coef", "exploration_noise"), at_least_0),
+        **dict.fromkeys(("learning_rate", "club_lr", "replay_ratio", "max_grad_norm"), positive),
+        "gamma": (lambda v: 0 <= v <= 1, "lie in [0, 1]"),
+        "tau": (lambda v: 0 < v <= 1, "lie in (0, 1]"),
+    }
+    for name, (ok, rule) in rules.items():
         value, flag = getattr(args, name), "--" + name.replace("_", "-")
         if value is None:  # --mi-coef: the per-env default, resolved once the env is built
             continue
@@ -428,22 +439,47 @@ MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim"
 CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts")
 
 
-if __name__ == "__main__":
+def parse_args() -> tuple:
+    """The flags (of a resumed run: the checkpoint's, overridden by the command line), the --resume checkpoint
+    (or None), the env options and the run's name and directory."""
     args = tyro.cli(Args)
     resumed = None
     if args.resume is not None:
         resumed = read_resume_checkpoint(args.resume, "mir3_maddpg", CONTINUATION_KEYS, MODEL_FLAGS)
         args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-    keep_freed_memory()
     if args.batch_size is None:
         args.batch_size = 8 if args.rnn else 512
     check_args(args)
-    env_kwargs = env_kwargs_of(args) if resumed is None else resumed["env_kwargs"]
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
-        run_dir = os.path.dirname(args.resume) or "."
-        run_name = os.path.basename(os.path.abspath(run_dir))
+    if resumed is None:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        return args, None, env_kwargs_of(args), run_name, f"runs/{run_name}"
+    run_dir = os.path.dirname(args.resume) or "."  # the resumed run writes into the checkpoint's directory
+    return args, resumed, resumed["env_kwargs"], os.path.basename(os.path.abspath(run_dir)), run_dir
+
+
+def restore(path: str, resumed: dict, models: dict, targets: dict, optimizers: dict, **batch_envs) -> dict:
+    """Load the nets, target nets and optimisers of the --resume checkpoint and the envs' episode counters
+    (``env=..., eval_env=...``); return its counters and global_step. One line and exit 2 if it is unusable."""
+    try:
+        for name, net in models.items():
+            net.load_state_dict(resumed["models"][name])
+        for name, net in targets.items():
+            net.load_state_dict(resumed["continuation"]["targets"][name])
+        for name, opt in optimizers.items():
+            lr = opt.param_groups[0]["lr"]  # this run's flag wins over the checkpoint's
+            opt.load_state_dict(resumed["continuation"]["optimizers"][name])
+            opt.param_groups[0]["lr"] = lr
+        restore_episode_counts(resumed["continuation"]["episode_counts"], **batch_envs)
+        counters = resumed["continuation"]["counters"]
+        return {"global_step": resumed["global_step"], "recent_returns": list(resumed["continuation"]["recent_returns"]),
+                **{k: counters[k] for k in ("updates", "credit", "last_save", "last_eval", "last_log")}}
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        fail(f"--resume {path}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
+
+
+if __name__ == "__main__":
+    args, resumed, env_kwargs, run_name, run_dir = parse_args()
+    keep_freed_memory()
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -451,175 +487,89 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
+    # env setup
     try:
         env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000,
-                             device=device, **env_kwargs)
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device, **env_kwargs)
     except (ValueError, ImportError) as e:
         fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
-    N, T, discrete = env.n_agents, env.episode_limit, env.is_discrete
-    A = env.n_actions  # number of discrete actions, or action dim
+    N, T, A, discrete = env.n_agents, env.episode_limit, env.n_actions, env.is_discrete  # A: actions, or action dims
     space = action_space_dict(env.action_space)
     if args.mi_coef is None:
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF[discrete])
     if resumed is not None:
-        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                           "action_space": space}.items():
+        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space}.items():
             if resumed[key] != value:  # the env's code changed since the checkpoint was written
                 fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
     if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
         os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
-
     # refuse a replay buffer and CLUB window (allocated below) that cannot fit, before building anything
     capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
     check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A, A if discrete else 0)
                + 4 * args.club_window * (env.state_dim + N * A),
                f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
                "the replay buffer and the CLUB window", "lower --buffer-size (or --club-window, --n-agents)", device)
-
     check_writable(run_dir)
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # ALGO LOGIC: initialize agent here
-    ids = one_hot_ids(N, device)
+    ids = torch.eye(N, device=device)  # one-hot agent ids
     actor = Actor(env.obs_dim + N, A, args.hidden_dim, args.rnn).to(device)
     critic = Critic(env.state_dim, N, A, args.hidden_dim).to(device)
     actor_target = Actor(env.obs_dim + N, A, args.hidden_dim, args.rnn).to(device)
     critic_target = Critic(env.state_dim, N, A, args.hidden_dim).to(device)
     actor_target.load_state_dict(actor.state_dict())
     critic_target.load_state_dict(critic.state_dict())
+    # built at λ = 0 too: its initialisation draws from the RNG, and every λ = 0 run so far was made with it
     club = CLUB(env.state_dim, N, A, discrete, args.club_hidden_dim).to(device)
     # fused: one kernel per step instead of several per parameter (the nets are small)
-    actor_opt = optim.Adam(actor.parameters(), lr=args.actor_lr, fused=True)
-    critic_opt = optim.Adam(critic.parameters(), lr=args.critic_lr, fused=True)
-    club_opt = optim.Adam(club.parameters(), lr=args.club_lr, fused=True)
-    if not discrete:
-        low = torch.as_tensor(env.action_space.low, device=device)
-        high = torch.as_tensor(env.action_space.high, device=device)
-        act_scale, act_bias = (high - low) / 2, (high + low) / 2
+    actor_optimizer = optim.Adam(actor.parameters(), lr=args.learning_rate, fused=True)
+    critic_optimizer = optim.Adam(critic.parameters(), lr=args.learning_rate, fused=True)
+    club_optimizer = optim.Adam(club.parameters(), lr=args.club_lr, fused=True)
+    # the greedy policy that is evaluated; its scale and bias also map exploration's [-1, 1] to the env's bounds
+    greedy = Policy(actor, N, discrete, space.get("low"), space.get("high"))
 
     rb = EpisodeBuffer(capacity, T, args.num_envs, N, env.obs_dim, env.state_dim, A, A if discrete else 0, device)
-    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s); 4·W·(S + N·A) bytes
+    # the most recent (state, joint action) pairs: CLUB learns the current policy's q(a|s)
     club_states = torch.zeros(args.club_window, env.state_dim, device=device)
     club_actions = torch.zeros(args.club_window, N, A, device=device)
     club_ptr, club_count = 0, 0
 
-    greedy = Policy(actor, N, discrete, space.get("low"), space.get("high"))
-    optimizers = {"actor": actor_opt, "critic": critic_opt, "club": club_opt}
+    models = {"actor": actor, "critic": critic, "club": club}
     targets = {"actor": actor_target, "critic": critic_target}
-
-    def checkpoint() -> dict:
-        return {"script": "mir3_maddpg", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
-                "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                "action_space": space, "global_step": global_step,
-                "models": {"actor": actor.state_dict(), "critic": critic.state_dict(), "club": club.state_dict()},
-                "continuation": {  # what --resume needs (the CLUB window refills with the replay buffer)
-                    "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
-                    "targets": {k: net.state_dict() for k, net in targets.items()},
-                    "rng": rng_state(device),
-                    "counters": {"updates": updates, "last_save": last_save, "last_eval": last_eval,
-                                 "last_log": last_log, "credit": credit},
-                    "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
-                    "recent_returns": recent_returns}}
-
-    watched = {"actor weights": actor, "critic weights": critic, "club weights": club}  # checked for NaN/inf
-
-    def save() -> str:
-        stop_if_not_finite(global_step, metrics, watched)
-        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", checkpoint())
-
-    def explore(out, avail):
-        """Exploratory env actions and critic-ready actions (one-hot or in [-1, 1]) from actor outputs."""
-        if discrete:  # a sample of the masked softmax (what hard Gumbel-softmax draws)
-            a = torch.distributions.Categorical(logits=out.masked_fill(~avail, -float("inf"))).sample()
-            return a, F.one_hot(a, A).float()
-        a = (torch.tanh(out) + args.exploration_noise * torch.randn_like(out)).clamp(-1.0, 1.0)
-        return a * act_scale + act_bias, a
-
-    def update(batch) -> dict:
-        mask, state = batch["mask"], batch["state"]
-        valid = mask.bool()
-        n_valid = mask.sum()
-        obs_in = with_ids(batch["obs"], ids)
-        a_buf = batch["actions"]
-        with torch.no_grad():
-            next_out = actor_target.unroll(obs_in, slice(1, None))
-            if discrete:
-                next_a = F.one_hot(next_out.masked_fill(~batch["avail"][:, 1:], -float("inf")).argmax(-1), A).float()
-            else:
-                next_a = torch.tanh(next_out)
-            q_next = critic_target(state[:, 1:], next_a)
-            mi = torch.zeros_like(mask)
-            if args.mi_coef > 0:
-                mi[valid] = club.mi(state[:, :-1][valid], a_buf[valid], args.mi_estimator)
-            target = batch["reward"] - args.mi_coef * mi + args.gamma * (1 - batch["terminated"]) * q_next
-        q = critic(state[:, :-1], a_buf)
-        critic_loss = (((q - target) ** 2) * mask).sum() / n_valid
-        critic_opt.zero_grad()
-        critic_loss.backward()
-        nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-        critic_opt.step()
-        logs = {"losses/critic_loss": critic_loss.item(), "losses/q_values": (q * mask).sum().item() / n_valid.item()}
-        if args.mi_coef > 0:
-            logs["mi/upper_bound"] = mi[valid].mean().item()
-        if updates % args.policy_frequency:
-            return logs
-
-        # actor: for each agent i, the buffer joint action with agent i's slot set to π_i (MADDPG)
-        out = actor.unroll(obs_in, slice(None, -1))[valid]  # [M, N, A]
-        if discrete:
-            pi = F.gumbel_softmax(out.masked_fill(~batch["avail"][:, :-1][valid], -1e10), hard=True)
-        else:
-            pi = torch.tanh(out)
-        critic.requires_grad_(False)  # the actor loss needs no gradients of the critic's weights
-        actor_loss = -critic.each_agent_replaced(state[:, :-1][valid], a_buf[valid], pi).mean()
-        actor_opt.zero_grad()
-        actor_loss.backward()
-        critic.requires_grad_(True)
-        nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
-        actor_opt.step()
-
-        with torch.no_grad():
-            for net, tgt in ((actor, actor_target), (critic, critic_target)):
-                for p, tp in zip(net.parameters(), tgt.parameters()):
-                    tp.lerp_(p, args.tau)
-        logs["losses/actor_loss"] = actor_loss.item()
-        return logs
-
-    def club_step() -> float:
-        idx = torch.randint(min(club_count, args.club_window), (args.club_batch_size,), device=device)
-        loss = club.learning_loss(club_states[idx], club_actions[idx])
-        club_opt.zero_grad()
-        loss.backward()
-        club_opt.step()
-        return loss.item()
-
-    # TRY NOT TO MODIFY: start the game
-    print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
-          f"{'Discrete' if discrete else 'Box'}({A}), λ = {args.mi_coef}, device {device}")
+    optimizers = {"actor": actor_optimizer, "critic": critic_optimizer, "club": club_optimizer}
+    watched = {f"{k} weights": net for k, net in models.items()}  # checked for NaN/inf
     global_step, updates, last_save, last_eval, last_log, last_print = 0, 0, 0, 0, 0, 0.0
     credit = 0.0  # transitions still to be trained on, to keep --replay-ratio
     recent_returns, metrics = [], {}
+
+    def save() -> str:
+        stop_if_not_finite(global_step, metrics, watched)  # a diverged run never overwrites a good checkpoint
+        return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", {
+            "script": "mir3_maddpg", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
+            "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space,
+            "global_step": global_step, "models": {k: net.state_dict() for k, net in models.items()},
+            "continuation": {  # what --resume needs (the CLUB window refills with the replay buffer)
+                "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
+                "targets": {k: net.state_dict() for k, net in targets.items()},
+                "rng": rng_state(device),
+                "counters": {"updates": updates, "last_save": last_save, "last_eval": last_eval, "last_log": last_log,
+                             "credit": credit},
+                "episode_counts": {"env": episodes_started(env), "eval_env": eval_env.episode_count.cpu()},
+                "recent_returns": recent_returns}})
+
+    print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
+          f"{'Discrete' if discrete else 'Box'}({A}), λ = {args.mi_coef}, device {device}")
     if resumed is not None:
-        try:
-            for name, net in (("actor", actor), ("critic", critic), ("club", club)):
-                net.load_state_dict(resumed["models"][name])
-            for name, net in targets.items():
-                net.load_state_dict(resumed["continuation"]["targets"][name])
-            for name, opt in optimizers.items():
-                opt.load_state_dict(resumed["continuation"]["optimizers"][name])
-            counters = resumed["continuation"]["counters"]
-            global_step, updates, credit = resumed["global_step"], counters["updates"], counters["credit"]
-            last_save, last_eval, last_log = counters["last_save"], counters["last_eval"], counters["last_log"]
-            recent_returns = list(resumed["continuation"]["recent_returns"])
-            restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-        for opt, lr in ((actor_opt, args.actor_lr), (critic_opt, args.critic_lr), (club_opt, args.club_lr)):
-            opt.param_groups[0]["lr"] = lr  # a learning rate given on the command line wins
+        saved = restore(args.resume, resumed, models, targets, optimizers, env=env, eval_env=eval_env)
+        global_step, updates, credit = saved["global_step"], saved["updates"], saved["credit"]
+        last_save, last_eval, last_log = saved["last_save"], saved["last_eval"], saved["last_log"]
+        recent_returns = saved["recent_returns"]
         print(f"resuming {args.resume} at global_step={global_step}: new episodes, and no learning during the "
               f"first {args.learning_starts} steps, which refill the replay buffer", flush=True)
+
+    # TRY NOT TO MODIFY: start the game
     start_step = global_step
     learning_from = start_step + args.learning_starts  # a resumed run refills its (empty) buffer first
     obs, state, avail = env.reset()
@@ -630,22 +580,29 @@ if __name__ == "__main__":
     stop_on_signals()
     try:
         while global_step < args.total_timesteps:
+            # ALGO LOGIC: put action logic here
             with torch.no_grad():
                 out, hidden = actor(with_ids(obs, ids), hidden)
                 if global_step < args.learning_starts:
                     out = torch.randn_like(out) * (3.0 if discrete else 1.0)  # random warm-up
-                env_actions, critic_actions = explore(out, avail)
+                if discrete:  # a sample of the masked softmax (what hard Gumbel-softmax draws)
+                    env_actions = torch.distributions.Categorical(logits=out.masked_fill(~avail, -float("inf"))).sample()
+                    actions = F.one_hot(env_actions, A).float()
+                else:  # the critic sees actions in [-1, 1]
+                    actions = (torch.tanh(out) + args.exploration_noise * torch.randn_like(out)).clamp(-1.0, 1.0)
+                    env_actions = actions * greedy.scale + greedy.bias
+
+            # TRY NOT TO MODIFY: execute the game and log data
             next_obs, next_state, next_avail, reward, terminated, truncated, info = env.step(env_actions)
             done = terminated | truncated
-            rb.add(obs, state, avail, critic_actions, reward, terminated, done,
+            rb.add(obs, state, avail, actions, reward, terminated, done,
                    info["final_obs"], info["final_state"], info["final_avail"])
             if args.mi_coef > 0:
                 rows = (club_ptr + torch.arange(args.num_envs, device=device)) % args.club_window
-                club_states[rows], club_actions[rows] = state, critic_actions
+                club_states[rows], club_actions[rows] = state, actions
                 club_ptr, club_count = (club_ptr + args.num_envs) % args.club_window, club_count + args.num_envs
             obs, state, avail = next_obs, next_state, next_avail
             global_step += args.num_envs
-
             if bool(done.any()):
                 if hidden is not None:
                     hidden = hidden * (~done).view(-1, 1, 1)
@@ -658,22 +615,76 @@ if __name__ == "__main__":
             if global_step >= learning_from and rb.num_episodes() >= (args.batch_size if args.rnn else 1):
                 credit += args.num_envs * args.replay_ratio
                 while credit > 0:
-                    if args.mi_coef > 0 and updates % args.policy_frequency == 0:
-                        # q(a|s) models the policy, which changes only when the actor does
-                        metrics["losses/club_loss"] = club_step()
-                    batch = rb.sample(args.batch_size, whole_episodes=args.rnn)
-                    metrics.update(update(batch))
-                    credit -= float(batch["mask"].sum())
+                    actor_turn = updates % args.policy_frequency == 0  # TD3's delayed actor update
+                    if args.mi_coef > 0 and actor_turn:  # q(a|s) models the policy, which changes only when the actor does
+                        idx = torch.randint(min(club_count, args.club_window), (args.club_batch_size,), device=device)
+                        club_loss = club.learning_loss(club_states[idx], club_actions[idx])
+                        club_optimizer.zero_grad()
+                        club_loss.backward()
+                        club_optimizer.step()
+                        metrics["losses/club_loss"] = club_loss.item()
+
+                    data = rb.sample(args.batch_size, whole_episodes=args.rnn)
+                    mask = data["mask"]
+                    valid = mask.bool()
+                    n_valid = mask.sum()
+                    b_obs = with_ids(data["obs"], ids)
+                    b_states, b_actions = data["state"], data["actions"]
+                    with torch.no_grad():
+                        next_out = actor_target.unroll(b_obs, slice(1, None))
+                        if discrete:  # the greedy target action, one-hot
+                            next_out = next_out.masked_fill(~data["avail"][:, 1:], -float("inf"))
+                            next_a = F.one_hot(next_out.argmax(-1), A).float()
+                        else:
+                            next_a = torch.tanh(next_out)
+                        q_next = critic_target(b_states[:, 1:], next_a)
+                        mi = torch.zeros_like(mask)
+                        if args.mi_coef > 0:
+                            mi[valid] = club.mi(b_states[:, :-1][valid], b_actions[valid], args.mi_estimator)
+                        # MIR3: the team reward shaped to r - λ·Î(s; a)
+                        target = data["reward"] - args.mi_coef * mi + args.gamma * (1 - data["terminated"]) * q_next
+                    q = critic(b_states[:, :-1], b_actions)
+                    critic_loss = (((q - target) ** 2) * mask).sum() / n_valid
+                    critic_optimizer.zero_grad()
+                    critic_loss.backward()
+                    nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    critic_optimizer.step()
+                    metrics["losses/critic_loss"] = critic_loss.item()
+                    metrics["losses/q_values"] = (q * mask).sum().item() / n_valid.item()
+                    if args.mi_coef > 0:
+                        metrics["mi/upper_bound"] = mi[valid].mean().item()
+
+                    if actor_turn:
+                        # for each agent i, the buffer joint action with agent i's slot set to π_i (MADDPG)
+                        pi_out = actor.unroll(b_obs, slice(None, -1))[valid]  # [M, N, A]
+                        if discrete:
+                            pi = F.gumbel_softmax(pi_out.masked_fill(~data["avail"][:, :-1][valid], -1e10), hard=True)
+                        else:
+                            pi = torch.tanh(pi_out)
+                        critic.requires_grad_(False)  # the actor loss needs no gradients of the critic's weights
+                        actor_loss = -critic.each_agent_replaced(b_states[:, :-1][valid], b_actions[valid], pi).mean()
+                        actor_optimizer.zero_grad()
+                        actor_loss.backward()
+                        critic.requires_grad_(True)
+                        nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)
+                        actor_optimizer.step()
+                        metrics["losses/actor_loss"] = actor_loss.item()
+
+                        # update the target networks
+                        with torch.no_grad():
+                            for net, tgt in ((actor, actor_target), (critic, critic_target)):
+                                for p, tp in zip(net.parameters(), tgt.parameters()):
+                                    tp.lerp_(p, args.tau)
+                    credit -= float(mask.sum())
                     updates += 1
                 stop_if_not_finite(global_step, metrics)
+
             if global_step - last_log >= 1000 and metrics:
                 last_log = global_step
                 stop_if_not_finite(global_step, metrics, watched)
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, global_step)
-                sps = int((global_step - start_step) / (time.time() - start_time))
-                writer.add_scalar("charts/SPS", sps, global_step)
-
+                writer.add_scalar("charts/SPS", int((global_step - start_step) / (time.time() - start_time)), global_step)
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or global_step >= args.total_timesteps):
                 last_eval = global_step
                 returns, success = evaluate(greedy, eval_env)

@@ -81,8 +81,8 @@ def test_determinism(tmp_path):
     (["--gamma", "nan"], "--gamma must be a finite number, got nan"),
     (["--gamma", "1.5"], "--gamma must lie in [0, 1], got 1.5"),
     (["--tau", "0"], "--tau must lie in (0, 1], got 0.0"),
-    (["--actor-lr", "inf"], "--actor-lr must be a finite number, got inf"),
-    (["--critic-lr", "0"], "--critic-lr must be > 0, got 0.0"),
+    (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0, got 0.0"),
     (["--club-lr", "nan"], "--club-lr must be a finite number, got nan"),
     (["--exploration-noise", "-0.1"], "--exploration-noise must be >= 0, got -0.1"),
     (["--replay-ratio", "0"], "--replay-ratio must be > 0, got 0.0"),
@@ -105,6 +105,14 @@ def test_bad_input_exits_with_one_clear_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_learning_rate_sets_actor_and_critic_optimisers(tmp_path):
+    """One --learning-rate for actor and critic (as CleanRL's TD3), --club-lr for q(a|s)."""
+    run_in_process(tmp_path, "--env-id", "rendezvous", "--n-agents", "3", "--episode-limit", "20", *TINY,
+                   "--learning-rate", "2e-3", "--club-lr", "7e-4")
+    optimizers = checkpoint_of(tmp_path)["continuation"]["optimizers"]
+    assert [optimizers[k]["param_groups"][0]["lr"] for k in ("actor", "critic", "club")] == [2e-3, 2e-3, 7e-4]
 
 
 def test_replay_buffer_beyond_memory_exits_with_the_estimate(tmp_path):
