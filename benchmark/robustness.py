@@ -598,7 +598,8 @@ def cmd_aggregate(spec: dict, make_plot: bool = True) -> int:
 def cmd_plan(spec: dict) -> int:
     for i, (method, seed) in enumerate(units(spec)):
         work = unit_dir(spec, method, seed)
-        done = {"done": " (done)", "stale": " (stale: made with other commands)", "missing": ""}[result_state(spec, method, seed)]
+        state = result_state(spec, method, seed)
+        done = {"done": " (done)", "stale": " (stale: made with other commands)", "missing": ""}[state]
         print(f"# unit {i}: {method}, seed {seed}{done}")
         print(quote(train_command(spec, method, seed)))
         for j, adversaries in enumerate(spec["attack"]["adversaries"]):

@@ -105,7 +105,8 @@ def main():
                         best[version, name, total] = min(took, best.get((version, name, total), float("inf")))
 
         def rate(version, name):
-            return args.steps / (best[version, name, starts + args.short + args.steps] - best[version, name, starts + args.short])
+            short, long = best[version, name, starts + args.short], best[version, name, starts + args.short + args.steps]
+            return args.steps / (long - short)
 
         for name, _ in () if args.memory_only else settings:
             sps[name] = rate("tree", name)
@@ -127,7 +128,8 @@ def main():
         rates = f"{plain:10,.0f} {mir3:10,.0f} {plain / mir3:9.2f}x" if measured else f"{'-':>10s} {'-':>10s} {'-':>10s}"
         print(f"{script:14s} {rates} {speedup:>23s} {mem:>12s}")
     print(f"SPS = training env steps per {args.clock}-clock second (one step of one env, all agents); robust = MIR3, "
-          "or IBAL for ibal_qmix; cost = plain SPS / robust SPS; peak memory = max RSS of a default run that fills the replay buffer")
+          "or IBAL for ibal_qmix; cost = plain SPS / robust SPS; peak memory = max RSS of a default run that fills the "
+          "replay buffer")
     if versus:
         print(f"\n{'script':14s} {'setting':8s} {'tree SPS':>10s} {args.against + ' SPS':>14s} {'tree / rev':>10s}")
         for script, name, here, there in versus:

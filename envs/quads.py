@@ -377,7 +377,7 @@ class QuadSwarm(BatchedEnv):
         dev, f32 = self.device, torch.float32
         E, N, K = self.num_envs, self.n_agents, self.n_neighbors
         f64 = torch.float64
-        I = torch.tensor(INERTIA, dtype=f64)
+        I = torch.tensor(INERTIA, dtype=f64)  # noqa: E741 (the inertia tensor's usual name)
         rxy = torch.tensor(MOTOR_POS, dtype=f64)
         ccw = torch.tensor(PROP_CCW, dtype=f64)
         # actuation per unit motor command: torque of motor k from its thrust is

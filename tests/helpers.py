@@ -129,7 +129,8 @@ def random_return(env_id, episodes=64):
     gen = torch.Generator().manual_seed(0)
     ret, running = torch.zeros(episodes), torch.ones(episodes, dtype=torch.bool)
     while running.any():
-        *_, reward, terminated, truncated, _ = env.step(torch.randint(0, env.n_actions, (episodes, env.n_agents), generator=gen))
+        actions = torch.randint(0, env.n_actions, (episodes, env.n_agents), generator=gen)
+        *_, reward, terminated, truncated, _ = env.step(actions)
         ret += reward * running
         running &= ~(terminated | truncated)
     return ret.mean().item()

@@ -11,8 +11,18 @@ import pytest
 import torch
 
 import envs
-from envs.quads import (ARM, GRAV, HITBOX, HOVER_ACTION, HOVER_CMD, PROX_FALLOFF, SIM_DT, THRUST_TO_WEIGHT,
-                        VEL13_SETPOINTS, QuadSwarm)
+from envs.quads import (
+    ARM,
+    GRAV,
+    HITBOX,
+    HOVER_ACTION,
+    HOVER_CMD,
+    PROX_FALLOFF,
+    SIM_DT,
+    THRUST_TO_WEIGHT,
+    VEL13_SETPOINTS,
+    QuadSwarm,
+)
 
 IDS = ["quads-same-goal", "quads-swarm-vs-swarm", "quads-same-goal-discrete", "quads-swarm-vs-swarm-discrete"]
 QUIET = dict(sensor_noise=False, thrust_noise=False)

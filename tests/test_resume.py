@@ -1,5 +1,6 @@
-"""--resume of mir3_maddpg.py, mir3_mappo.py, mir3_qmix.py and ibal_qmix.py: a run continues from its checkpoint (the one saved at the end,
-every --save-interval steps or on SIGTERM) to a raised --total-timesteps, and refuses checkpoints it cannot continue.
+"""--resume of mir3_maddpg.py, mir3_mappo.py, mir3_qmix.py and ibal_qmix.py: a run continues from its checkpoint
+(the one saved at the end, every --save-interval steps or on SIGTERM) to a raised --total-timesteps, and refuses
+checkpoints it cannot continue.
 """
 
 import glob

@@ -77,7 +77,8 @@ def test_bootstrap_hand_computed():
     assert robustness.bootstrap_ci(robustness.prob_improvement, [[5, 6], [1, 2, 3]]) == [1.0, 1.0]
     # the bootstrap distribution of the mean of [0, 1] x 20 runs: interval about mean ± 1.96·0.5/√20
     lo, hi = robustness.bootstrap_ci(robustness.mean, [[0.0, 1.0] * 10])
-    assert lo == pytest.approx(0.5 - 1.96 * 0.5 / np.sqrt(20), abs=0.03) and hi == pytest.approx(0.5 + 1.96 * 0.5 / np.sqrt(20), abs=0.03)
+    half = 1.96 * 0.5 / np.sqrt(20)
+    assert lo == pytest.approx(0.5 - half, abs=0.03) and hi == pytest.approx(0.5 + half, abs=0.03)
 
 
 def fake_result(spec, method, seed, natural, worst):
@@ -189,7 +190,8 @@ def test_plan_run_resume(tmp_path):
 
     # another experiment that needs exactly this training and the attack on agent 0 borrows them
     other = TINY.replace('name = "tiny"', 'name = "sweep"').replace("seeds = [1, 2]", "seeds = [1]")
-    other = other.replace("[methods.mir3]", "[methods.lam1e-4]").replace("adversaries = [[0], [1], [0, 2]]", "adversaries = [[0]]")
+    other = other.replace("[methods.mir3]", "[methods.lam1e-4]")
+    other = other.replace("adversaries = [[0], [1], [0, 2]]", "adversaries = [[0]]")
     (tmp_path / "sweep.toml").write_text(other)
     proc = runner(tmp_path, "run", "sweep.toml", "--methods", "lam1e-4")
     assert proc.returncode == 0 and "the same runs are in results/tiny/mir3__1.json" in proc.stdout, proc.stdout

@@ -106,8 +106,8 @@ class FakeStarCraft2Env:
         FakeStarCraft2Env.instances.append(self)
 
     def get_env_info(self):
-        return {"state_shape": self.n_enemies + self.n_agents + 1, "obs_shape": 2 + self.n_enemies, "n_actions": self.n_actions,
-                "n_agents": self.n_agents, "episode_limit": self.episode_limit}
+        return {"state_shape": self.n_enemies + self.n_agents + 1, "obs_shape": 2 + self.n_enemies,
+                "n_actions": self.n_actions, "n_agents": self.n_agents, "episode_limit": self.episode_limit}
 
     def reset(self):
         self.resets += 1

@@ -21,10 +21,10 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 
 import pytest  # noqa: E402
-import test_env_api as api  # noqa: E402  (the conformance checks every env id passes)
 import torch  # noqa: E402
 
 import envs  # noqa: E402
+import test_env_api as api  # noqa: E402  (the conformance checks every env id passes)
 from envs.smax import EXTRA_MAPS, SMAX_INSTALL_HINT, STOP, SMAXNotInstalledError, smax_available  # noqa: E402
 
 INSTALL = "pip install -r requirements-smax.txt"
