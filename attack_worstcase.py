@@ -117,15 +117,15 @@ class Args:
     eval_episodes: int = 32
     """greedy episodes per condition (one per evaluation env)"""
     obs_noise: Tuple[float, ...] = ()
-    """Table I: Gaussian noise on every defender observation, σ × each dim's std over the natural episodes' observations (one condition per σ)"""
+    """Table I: Gaussian noise on every defender observation, σ × each dim's std in the natural episodes (a condition per σ)"""
     action_repeat: Tuple[float, ...] = ()
     """Table I: each agent repeats its previous action with probability p (one condition per p)"""
     disable: Tuple[int, ...] = ()
     """IBAL's Dis-k: k random agents do nothing for the whole episode (one condition per k)"""
     env_shift: Optional[str] = None
-    """Table I: add the condition env_shift, the team in an env built with these options on top (a JSON object, or 'default': the env's own shift)"""
+    """Table I: add the condition env_shift, the team in an env with these extra options (JSON, or 'default')"""
     env_kwargs: Optional[str] = None
-    """extra env constructor options as a JSON object, e.g. '{"episode_limit": 100}', on top of the checkpoint's (every condition and training)"""
+    """extra env constructor options (JSON object, e.g. '{"episode_limit": 100}') on top of the checkpoint's, everywhere"""
     scripted: Tuple[str, ...] = ()
     """scripted adversaries on the same agents, one condition each (scripted_<kind>): stop (any env), flee (rendezvous)"""
     interaction_breaking: bool = False
@@ -651,11 +651,13 @@ if __name__ == "__main__":
             fail(f"--adversaries {args.adversaries} differs from the adversary checkpoint's {adv_idx}")
         for key, value in found.items():
             if adv_ckpt.get(key) != value:
-                fail(f"the adversary checkpoint was trained on another setting: {key} is {adv_ckpt.get(key)} there, {value} here")
+                fail(f"the adversary checkpoint was trained on another setting: {key} is {adv_ckpt.get(key)} there, "
+                     f"{value} here")
     elif args.num_adversaries is not None:
         if not 1 <= args.num_adversaries < N:
             fail(f"--num-adversaries must be in [1, {N - 1}] for {N} agents, got {args.num_adversaries}")
-        adv_idx = sorted(torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))[: args.num_adversaries].tolist())
+        drawn = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed))
+        adv_idx = sorted(drawn[: args.num_adversaries].tolist())
     else:
         adv_idx = list(args.adversaries) if args.adversaries is not None else [0]
     if not adv_idx or any(not 0 <= i < N for i in adv_idx) or len(set(adv_idx)) != len(adv_idx):
@@ -759,7 +761,8 @@ if __name__ == "__main__":
                     hidden = reset_hidden(hidden, done)
                     recent_returns = (recent_returns + info["episode_return"][done].tolist())[-100:]
                     writer.add_scalar("charts/episodic_return", float(info["episode_return"][done].mean()), global_step)
-                    writer.add_scalar("charts/episodic_length", float(info["episode_length"][done].float().mean()), global_step)
+                    length = float(info["episode_length"][done].float().mean())
+                    writer.add_scalar("charts/episodic_length", length, global_step)
                     writer.add_scalar("charts/success_rate", float(info["success"][done].float().mean()), global_step)
 
             # GAE on the adversary's reward; done marks the end of an episode (truncation bootstrapped above)
@@ -802,7 +805,8 @@ if __name__ == "__main__":
                     optimizer.zero_grad()
                     loss.backward()
                     nn.utils.clip_grad_norm_(actor.parameters(), args.max_grad_norm)  # separately, so that
-                    nn.utils.clip_grad_norm_(value.parameters(), args.max_grad_norm)  # large value errors never mute the policy
+                    # clipped on its own: large value errors never mute the policy
+                    nn.utils.clip_grad_norm_(value.parameters(), args.max_grad_norm)
                     optimizer.step()
 
             sps = int(global_step / (time.time() - start_time))
@@ -842,8 +846,9 @@ if __name__ == "__main__":
     # spread, the unit of the observation noise.
     hook = None
     if args.interaction_breaking:
+        ibal_here = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ibal_qmix.py"))
         providers = [module] + ([import_script("ibal_qmix")] if script in QMIX_SCRIPTS and script != "ibal_qmix"
-                                and os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "ibal_qmix.py")) else [])
+                                and ibal_here else [])
         hook = next((getattr(m, IBAL_HOOK) for m in providers if callable(getattr(m, IBAL_HOOK, None))), None)
         if hook is None:
             print(f"note: interaction_breaking is unavailable for {script} checkpoints "
