@@ -102,14 +102,23 @@ def test_unwritable_runs_directory_is_refused(tmp_path, defender):
     assert len(proc.stderr.strip().splitlines()) == 1 and "SPS=" not in proc.stdout
 
 
-def test_a_signal_during_a_save_waits_for_it(capsys):
-    interrupts = aw.Interrupts()
-    with interrupts.held():
-        interrupts(signal.SIGINT, None)  # a second Ctrl-C while saving: noted, not raised
-    assert interrupts.pending and "saving, please wait" in capsys.readouterr().out
-    with pytest.raises(KeyboardInterrupt):
-        interrupts(signal.SIGTERM, None)  # outside a save: stops the run like Ctrl-C
-    assert interrupts.exit_code == 128 + signal.SIGTERM
+def test_a_signal_during_a_save_waits_for_it():
+    """The first stop signal raises KeyboardInterrupt carrying its number (the exit code is 128 + it); from then on
+    Ctrl-C, SIGTERM and SIGUSR1 are ignored, so that a second one never cuts the save short."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        aw.stop_on_signals()
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)  # outside a save: stops the run like Ctrl-C
+            for _ in range(1000):  # the handler runs between two bytecodes
+                pass
+        assert stopped.value.args == (signal.SIGTERM,)
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in saved)
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while saving: ignored, not raised
+        os.kill(os.getpid(), signal.SIGUSR1)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def start(cwd, *args):

@@ -144,20 +144,20 @@ def test_scripted_adversaries_and_the_trained_one(attacked, tmp_path):
 def test_scripted_flee_drives_away_and_stop_does_nothing():
     env = envs.make("rendezvous", num_envs=8, seed=3, n_agents=4)
     env.reset()
-    flee = aw.ScriptedAdversary("flee", [1], env, "rendezvous")
-    stop = aw.ScriptedAdversary("stop", [0, 2], env, "rendezvous")
+    flee = aw.ScriptedAdversary("flee", [1], "rendezvous")
+    stop = aw.ScriptedAdversary("stop", [0, 2], "rendezvous")
     obs = torch.zeros(8, 4, env.obs_dim)
-    assert torch.equal(stop.act(obs, None), torch.zeros(8, 2, 2))
+    assert torch.equal(stop.act(obs, None, env), torch.zeros(8, 2, 2))
     start = (env.pos[:, 1] - env.pos.mean(1)).norm(dim=-1)
     for _ in range(40):  # the others stay; robot 1 turns away from the centroid and drives off at full speed
         actions = torch.zeros(8, 4, 2)
-        actions[:, [1]] = flee.act(obs, None)
+        actions[:, [1]] = flee.act(obs, None, env)
         env.step(actions)
     far = (env.pos[:, 1] - env.pos.mean(1)).norm(dim=-1)
     assert bool((far > start + 10).all()), (start, far)
     discrete = envs.make("rendezvous-discrete", num_envs=2, seed=3, n_agents=3)
     discrete.reset()
-    a = aw.ScriptedAdversary("flee", [0], discrete, "rendezvous-discrete").act(torch.zeros(2, 3, discrete.obs_dim), None)
+    a = aw.ScriptedAdversary("flee", [0], "rendezvous-discrete").act(torch.zeros(2, 3, discrete.obs_dim), None, discrete)
     assert a.shape == (2, 1) and a.dtype == torch.int64
 
 
@@ -302,7 +302,7 @@ def test_obs_noise_is_sigma_times_each_dims_spread():
     assert scale[0] == 0.0  # a constant dim: exactly no spread, so no noise
     assert scale[1:].tolist() == pytest.approx(env.table[:40, 1:].double().std(0, unbiased=False).tolist(), rel=1e-5)
     defender = Recorder()
-    aw.run_episodes(env, defender, "fake", obs_noise=0.5, obs_scale=scale, seed=3)
+    aw.run_episodes(env, defender, "fake", obs_noise=0.5, noise_unit=spread, seed=3)
     noise = torch.stack(defender.seen) - env.table[:40, None, None, :]  # [T, E, N, 3]
     assert bool((noise[..., 0] == 0).all())  # the constant dim stays exactly as observed
     std = noise.flatten(0, 2).std(0)
