@@ -134,6 +134,23 @@ def watch_backward(monkeypatch, capture):
     monkeypatch.setattr(torch.Tensor, "backward", watched)
 
 
+def watch_qmix_targets(monkeypatch, lam, record):
+    """Call ``record(g, target, reward, penalty)`` once per new TD target of mir3_qmix (its module globals ``g``,
+    the valid steps' target and reward, and λ·Î with Î computed by hand from the run's own q(a|s))."""
+    last = {}
+
+    def capture(frame):
+        g = frame.f_globals  # the update is inline in the training loop, at module level
+        if frame.f_code.co_name != "<module>" or g.get("target") is last.get("target"):
+            return  # CLUB's own step: before the first update, or still seeing the previous update's target
+        last["target"] = g["target"]
+        valid = g["valid"]
+        mi = club_by_hand(g["club"], g["b_state"][:, :-1][valid], g["onehot"][valid])
+        record(g, g["target"][valid], g["batch"]["reward"][valid], lam * mi)
+
+    watch_backward(monkeypatch, capture)
+
+
 MADDPG_TINY = ["--num-envs", "8", "--total-timesteps", "400", "--learning-starts", "160", "--batch-size", "64",
                "--replay-ratio", "4", "--hidden-dim", "16", "--club-hidden-dim", "16", "--club-batch-size", "64",
                "--eval-interval", "0", "--no-save-model"]
@@ -195,18 +212,8 @@ def test_qmix_penalty_is_in_raw_reward_units(tmp_path, monkeypatch):
     r − λ·Î: the penalty is subtracted before the standardisation, so λ is in reward units, as in the other
     backbones. With rewards of scale 10 (σ_r ≈ 4), standardising first and subtracting λ·Î after would
     not be affine in r − λ·Î, nor would a target without the penalty."""
-    lam, checked, last = 0.7, [], {}
-
-    def capture(frame):
-        g = frame.f_globals  # the update is inline in the training loop, at module level
-        if frame.f_code.co_name != "<module>" or g.get("target") is last.get("target"):
-            return  # CLUB's own step: before the first update, or still seeing the previous update's target
-        last["target"] = g["target"]
-        valid = g["valid"]
-        mi = club_by_hand(g["club"], g["b_state"][:, :-1][valid], g["onehot"][valid])
-        checked.append((g["target"][valid], g["batch"]["reward"][valid], lam * mi))
-
-    watch_backward(monkeypatch, capture)
+    lam, checked = 0.7, []
+    watch_qmix_targets(monkeypatch, lam, lambda g, target, reward, penalty: checked.append((target, reward, penalty)))
     run_in_process("mir3_qmix", tmp_path, [
         "--env-id", "context", "--env-kwargs", '{"reward_scale": 10.0}', "--num-envs", "8", "--total-timesteps", "480",
         "--batch-size", "8", "--gamma", "0", "--hidden-dim", "16", "--club-hidden-dim", "16",

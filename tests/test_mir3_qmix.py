@@ -21,7 +21,7 @@ import ibal_qmix
 import mir3_qmix
 import test_mi_penalty
 from mir3_qmix import QMixer, lambda_returns, load_policy
-from test_mi_penalty import club_by_hand, run_on_context, watch_backward
+from test_mi_penalty import run_on_context
 
 SCRIPT = os.path.join(helpers.ROOT, "mir3_qmix.py")
 TINY = ["--total-timesteps", "480", "--num-envs", "4", "--batch-size", "2", "--eval-interval", "240",
@@ -212,21 +212,15 @@ def test_penalty_is_subtracted_before_standardisation(tmp_path, monkeypatch, sta
     """λ is in reward units: with γ = 0 the TD target of every update is the reward term alone, r - λ·Î, and with
     --standardise-rewards (r - λ·Î - μ_r) / σ_r with the running statistics of that moment, not (r - μ_r) / σ_r - λ·Î.
     Î is computed by hand from the run's own q(a|s). (λ = 0 is plain QMIX bit for bit: test_ibal_qmix's K = 0 run.)"""
-    lam, checked, last = 0.5, [], {}
+    lam, checked = 0.5, []
 
-    def capture(frame):
-        g = frame.f_globals  # the update is inline in the training loop, at module level
-        if frame.f_code.co_name != "<module>" or g.get("target") is last.get("target"):
-            return  # CLUB's own step: before the first update, or still seeing the previous update's target
-        last["target"] = g["target"]
-        valid = g["valid"]
-        mi = club_by_hand(g["club"], g["b_state"][:, :-1][valid], g["onehot"][valid])
-        expected = g["batch"]["reward"][valid] - lam * mi
-        if standardise:
+    def record(g, target, reward, penalty):
+        expected = reward - penalty
+        if standardise:  # with the running statistics of this moment
             expected = (expected - g["reward_mean"]) / (g["reward_var"].sqrt() + 1e-8)
-        checked.append((g["target"][valid], expected, lam * mi))
+        checked.append((target, expected, penalty))
 
-    watch_backward(monkeypatch, capture)
+    test_mi_penalty.watch_qmix_targets(monkeypatch, lam, record)
     test_mi_penalty.run_in_process("mir3_qmix", tmp_path, [
         "--env-id", "context", "--num-envs", "8", "--total-timesteps", "480", "--batch-size", "8", "--gamma", "0",
         "--hidden-dim", "16", "--club-hidden-dim", "16", "--club-batch-size", "64", "--eval-interval", "0",
