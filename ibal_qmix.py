@@ -17,8 +17,6 @@
 # trains (tests/test_ibal_qmix.py checks bit-identical weights).
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Optional
@@ -29,27 +27,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
-import envs
 from runtime import (
     action_space_dict,
     check_fits,
-    check_writable,
+    check_flags,
+    check_same_env,
     env_kwargs_of,
     episodes_started,
     fail,
-    first_line,
     ignore_stop_signals,
-    keep_freed_memory,
-    read_resume_checkpoint,
-    restore_episode_counts,
-    resumed_args,
+    make_envs,
+    open_run_dir,
+    parse_run,
+    restore,
     rng_state,
     save_checkpoint,
     set_rng_state,
     stop_if_not_finite,
     stop_on_signals,
+    stopped,
 )
 
 LOG_PROB_FLOOR = math.log(1e-4)  # pointwise-MI argmin: ignore differences among near-impossible actions
@@ -742,37 +739,26 @@ def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tup
     return evaluate(policy, env, breaker, K, args.attack_p_act, seed)
 
 
-# the range of every numeric flag: a value outside it would run, but silently wrong
-FLAG_RANGES = (
-    ("be >= 1", lambda v: v >= 1, ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim",
-                                   "mixer_embed_dim", "hypernet_dim", "eval_episodes", "target_update_interval",
-                                   "estimator_batch_size", "estimator_window", "success_window", "obs_model_hidden_dim",
-                                   "act_model_hidden_dim", "attack_fit_steps")),
-    ("be >= 0", lambda v: v >= 0, ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval",
-                                   "attack_fit_updates")),
-    ("lie in [0, 1]", lambda v: 0 <= v <= 1, ("gamma", "td_lambda", "epsilon_start", "epsilon_finish", "p_max_init",
-                                              "p_min", "eta", "warmup_fraction", "attack_p_act")),
-    ("be > 0", lambda v: v > 0, ("learning_rate", "estimator_lr", "max_grad_norm", "updates_per_episode")),
-    ("be >= 1 (P_max only grows)", lambda v: v >= 1, ("alpha",)),
-    ("lie in [0, 1)", lambda v: 0 <= v < 1, ("score_ema",)),
-    ("be a finite number", lambda v: True, ("mask_value",)),
-)
+# the range of every numeric flag (runtime.check_flags): a value outside it would run, but silently wrong
+FLAG_RULES = {
+    **dict.fromkeys(("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "mixer_embed_dim",
+                     "hypernet_dim", "eval_episodes", "target_update_interval", "estimator_batch_size", "estimator_window",
+                     "success_window", "obs_model_hidden_dim", "act_model_hidden_dim", "attack_fit_steps"), "be >= 1"),
+    **dict.fromkeys(("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval", "attack_fit_updates"),
+                    "be >= 0"),
+    **dict.fromkeys(("gamma", "td_lambda", "epsilon_start", "epsilon_finish", "p_max_init", "p_min", "eta",
+                     "warmup_fraction", "attack_p_act"), "lie in [0, 1]"),
+    **dict.fromkeys(("learning_rate", "estimator_lr", "max_grad_norm", "updates_per_episode"), "be > 0"),
+    "alpha": "be >= 1 (P_max only grows)",
+    "score_ema": "lie in [0, 1)",
+    "mask_value": None,  # any finite number
+}
 CHOICES = {"attack_types": ("obs", "act", "both"), "mask_direction": ("both", "g1")}
 
 
 def check_args(args: Args) -> None:
     """Refuse a flag out of its range at start-up, with one line; NaN and ±inf never pass."""
-    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
-        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    for rule, ok, names in FLAG_RANGES:
-        for name in names:
-            value, flag = getattr(args, name), "--" + name.replace("_", "-")
-            if value is None:  # --p-min: the default
-                continue
-            if not math.isfinite(value):
-                fail(f"{flag} must be a finite number, got {value}")
-            if not ok(value):
-                fail(f"{flag} must {rule}, got {value}")
+    check_flags(args, FLAG_RULES)  # --p-min None: the default
     for name, options in CHOICES.items():
         if getattr(args, name) not in options:
             fail(f"--{name.replace('_', '-')} must be one of {', '.join(options)}, got {getattr(args, name)!r}")
@@ -789,21 +775,10 @@ CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    resumed = None
-    if args.resume is not None:
-        resumed = read_resume_checkpoint(args.resume, "ibal_qmix", CONTINUATION_KEYS, MODEL_FLAGS)
-        if "lr" in resumed["args"]:  # saved before --lr became --learning-rate
-            resumed["args"]["learning_rate"] = resumed["args"].pop("lr")
-        args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-    keep_freed_memory()
+    args, resumed, run_name, run_dir = parse_run(Args, "ibal_qmix", CONTINUATION_KEYS, MODEL_FLAGS,
+                                                 renamed={"lr": "learning_rate"})  # saved before --lr was renamed
     check_args(args)
     env_kwargs = env_kwargs_of(args, example='{"max_episode_steps": 25}') if resumed is None else resumed["env_kwargs"]
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
-        run_dir = os.path.dirname(args.resume) or "."
-        run_name = os.path.basename(os.path.abspath(run_dir))
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -811,14 +786,9 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    try:
-        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
-        if not env.is_discrete:
-            fail(f"ibal_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
-                 f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete)")
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device, **env_kwargs)
-    except (ValueError, ImportError) as e:
-        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    env, eval_env = make_envs(args, env_kwargs, device, box_error=(
+        f"ibal_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
+        f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete)"))
     N, T, A = env.n_agents, env.episode_limit, env.n_actions
     space = action_space_dict(env.action_space)
     K = group_cap(args.attack_k, N)
@@ -829,21 +799,14 @@ if __name__ == "__main__":
         fail(f"--attack-k must lie in [0, {N // 2}] for {N} agents (|G1| ≤ n/2), got {K}")
     if args.mask_dims is not None and not 0 <= args.mask_dims <= env.obs_dim:
         fail(f"--mask-dims must lie in [0, {env.obs_dim}] (the observation size), got {args.mask_dims}")
-    if resumed is not None:
-        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space}.items():
-            if resumed[key] != value:  # the env's code changed since the checkpoint was written
-                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
-    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
-        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
+    check_same_env(args, resumed, env)
     capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
     check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A)
                + (InteractionBreaker.nbytes(N, env.obs_dim, env.state_dim, A, args.estimator_window) if K > 0 else 0),
                f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
                "the replay buffer, the attacker's window and its score table",
                "lower --buffer-size (or --estimator-window, --n-agents)", device)
-    check_writable(run_dir)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = open_run_dir(args, run_dir)
 
     # ALGO LOGIC: initialize agent here
     agent = RNNAgent(env.obs_dim + A + N, A, args.hidden_dim).to(device)
@@ -867,6 +830,7 @@ if __name__ == "__main__":
 
     optimizers = {"qmix": optimizer, **({"obs_model": breaker.obs_opt, "action_model": breaker.act_opt} if breaker else {})}
     targets = {"agent": target_agent, "mixer": target_mixer}
+    models = {"agent": agent, "mixer": mixer, **({"attacker": breaker} if breaker is not None else {})}
     watched = {"agent weights": agent, "mixer weights": mixer}
     if breaker is not None:  # its score table is saved with the weights
         watched.update({"obs_model weights": breaker.obs_model, "action_model weights": breaker.act_model,
@@ -874,17 +838,16 @@ if __name__ == "__main__":
 
     def save() -> str:
         stop_if_not_finite(global_step, metrics, watched)  # a diverged run never overwrites a good checkpoint
-        models = {"agent": agent.state_dict(), "mixer": mixer.state_dict()}
         rng = rng_state(device)
         norms = {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count}
         if breaker is not None:
-            models["attacker"] = breaker.state_dict()
             rng["attacker"] = breaker.gen.get_state()
             norms.update(next_obs_mean=breaker.next_mean, next_obs_var=breaker.next_var, next_obs_count=breaker.next_count)
         return save_checkpoint(f"{run_dir}/{args.exp_name}.pt", {
             "script": "ibal_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
             "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "obs_low": obs_low, "obs_high": obs_high,
-            "action_space": space, "global_step": global_step, "p_max": schedule.p_max, "models": models,
+            "action_space": space, "global_step": global_step, "p_max": schedule.p_max,
+            "models": {k: model.state_dict() for k, model in models.items()},
             "continuation": {  # what --resume needs (the estimators' window refills with the replay buffer)
                 "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
                 "targets": {k: net.state_dict() for k, net in targets.items()},
@@ -901,34 +864,25 @@ if __name__ == "__main__":
     credit = 0.0  # gradient steps owed to finished episodes (--updates-per-episode)
     recent_returns, metrics = [], {}
     if resumed is not None:
-        try:
-            saved = resumed["continuation"]
-            # the attacker where both runs have one (K > 0); a run that turns attacks on starts a fresh one
-            with_attacker = breaker is not None and "attacker" in resumed["models"]
-            for name, model in (("agent", agent), ("mixer", mixer), *((("attacker", breaker),) if with_attacker else ())):
-                model.load_state_dict(resumed["models"][name])
-            for name, net in targets.items():
-                net.load_state_dict(saved["targets"][name])
-            for name, opt in optimizers.items():
-                if name == "qmix" or with_attacker:
-                    opt.load_state_dict(saved["optimizers"][name])
-            schedule.load_state_dict(saved["curriculum"])
-            counters = saved["counters"]
-            global_step, updates, credit = resumed["global_step"], counters["updates"], counters["credit"]
-            last_save, last_eval, last_log = counters["last_save"], counters["last_eval"], counters["last_log"]
-            recent_returns = list(saved["recent_returns"])
-            norms = saved["norms"]  # the running statistics: rewards, the obs model's targets
-            reward_mean, reward_var = norms["reward_mean"].to(device), norms["reward_var"].to(device)
-            reward_count = float(norms["reward_count"])
-            if with_attacker:
+        def restore_ibal(continuation: dict) -> dict:
+            """The attack curriculum, the running statistics (rewards, the obs model's targets), the attacker's RNG."""
+            schedule.load_state_dict(continuation["curriculum"])
+            norms = continuation["norms"]
+            if breaker is not None and "attacker" in resumed["models"]:  # else a fresh attacker (see ``optional``)
                 breaker.next_mean, breaker.next_var = norms["next_obs_mean"].to(device), norms["next_obs_var"].to(device)
                 breaker.next_count = float(norms["next_obs_count"])
-                breaker.gen.set_state(saved["rng"]["attacker"])
-            restore_episode_counts(saved["episode_counts"], env=env, eval_env=eval_env)
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-        for name, opt in optimizers.items():  # the command line's learning rates win
-            opt.param_groups[0]["lr"] = args.learning_rate if name == "qmix" else args.estimator_lr
+                breaker.gen.set_state(continuation["rng"]["attacker"])
+            return {"reward_mean": norms["reward_mean"].to(device), "reward_var": norms["reward_var"].to(device),
+                    "reward_count": float(norms["reward_count"])}
+
+        # the attacker where both runs have one (K > 0); a run that turns attacks on starts a fresh one
+        saved = restore(args, resumed, models, targets, optimizers, ("updates", "credit", "last_save", "last_eval",
+                        "last_log"), optional={"attacker": ("obs_model", "action_model")}, extra=restore_ibal,
+                        env=env, eval_env=eval_env)  # the command line's learning rates win
+        global_step, updates, credit = saved["global_step"], saved["updates"], saved["credit"]
+        last_save, last_eval, last_log = saved["last_save"], saved["last_eval"], saved["last_log"]
+        recent_returns = saved["recent_returns"]
+        reward_mean, reward_var, reward_count = saved["reward_mean"], saved["reward_var"], saved["reward_count"]
         print(f"resuming {args.resume} at global_step={global_step}: new episodes, and no learning during the "
               f"first {args.learning_starts} steps, which refill the replay buffer (and until it holds "
               f"{args.batch_size} episodes)", flush=True)
@@ -1059,13 +1013,8 @@ if __name__ == "__main__":
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
-        ignore_stop_signals()
-        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
-        if args.save_model:
-            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
-            print(f"checkpoint saved to {save()}", flush=True)
-        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1: save, exit 128 + the signal's number
+        stopped(e, save if args.save_model else None)
 
     ignore_stop_signals()
     if args.save_model:

@@ -3,10 +3,7 @@
 # IEEE TNNLS 2025. Train with no adversary, but shape the team reward to r - λ·Î(s; a), where Î is a
 # CLUB upper bound of the mutual information between the global state and the joint action.
 # With --mi-coef 0 this is plain MADDPG (shared actor with agent ids, centralised critic).
-import math
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -16,28 +13,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
-import tyro
-from torch.utils.tensorboard import SummaryWriter
 
-import envs
 from runtime import (
     action_space_dict,
     check_fits,
-    check_writable,
+    check_flags,
+    check_same_env,
     env_kwargs_of,
     episodes_started,
     fail,
-    first_line,
     ignore_stop_signals,
-    keep_freed_memory,
-    read_resume_checkpoint,
-    restore_episode_counts,
-    resumed_args,
+    make_envs,
+    open_run_dir,
+    parse_run,
+    restore,
     rng_state,
     save_checkpoint,
     set_rng_state,
     stop_if_not_finite,
     stop_on_signals,
+    stopped,
 )
 
 # λ per env id (README, "λ sweep"); other ids fall back by action type: a Gaussian CLUB grows like Σ_d var(a_d)/σ_d²,
@@ -405,29 +400,20 @@ def evaluate(policy: Policy, env) -> tuple:
     return returns, success
 
 
+# what each numeric flag must do (runtime.check_flags)
+FLAG_RULES = {
+    **dict.fromkeys(("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
+                     "policy_frequency", "club_hidden_dim", "club_batch_size", "club_window"), "be >= 1"),
+    **dict.fromkeys(("learning_starts", "eval_interval", "save_interval", "mi_coef", "exploration_noise"), "be >= 0"),
+    **dict.fromkeys(("learning_rate", "club_lr", "replay_ratio", "max_grad_norm"), "be > 0"),
+    "gamma": "lie in [0, 1]",
+    "tau": "lie in (0, 1]",
+}
+
+
 def check_args(args: Args) -> None:
     """Refuse out-of-range flags at start-up, one line and exit 2; NaN and ±inf never pass."""
-    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
-        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    at_least_1 = (lambda v: v >= 1, "be >= 1")
-    at_least_0 = (lambda v: v >= 0, "be >= 0")
-    positive = (lambda v: v > 0, "be > 0")
-    rules = {  # flag: (test, what the flag must do)
-        **dict.fromkeys(("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "eval_episodes",
-                         "policy_frequency", "club_hidden_dim", "club_batch_size", "club_window"), at_least_1),
-        **dict.fromkeys(("learning_starts", "eval_interval", "save_interval", "mi_coef", "exploration_noise"), at_least_0),
-        **dict.fromkeys(("learning_rate", "club_lr", "replay_ratio", "max_grad_norm"), positive),
-        "gamma": (lambda v: 0 <= v <= 1, "lie in [0, 1]"),
-        "tau": (lambda v: 0 < v <= 1, "lie in (0, 1]"),
-    }
-    for name, (ok, rule) in rules.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if value is None:  # --mi-coef: the per-env default, resolved once the env is built
-            continue
-        if not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-        if not ok(value):
-            fail(f"{flag} must {rule}, got {value}")
+    check_flags(args, FLAG_RULES)  # --mi-coef None: the per-env default, resolved once the env is built
     if args.mi_estimator not in MI_ESTIMATORS:
         fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
 
@@ -439,47 +425,12 @@ MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim"
 CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts")
 
 
-def parse_args() -> tuple:
-    """The flags (of a resumed run: the checkpoint's, overridden by the command line), the --resume checkpoint
-    (or None), the env options and the run's name and directory."""
-    args = tyro.cli(Args)
-    resumed = None
-    if args.resume is not None:
-        resumed = read_resume_checkpoint(args.resume, "mir3_maddpg", CONTINUATION_KEYS, MODEL_FLAGS)
-        args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
+if __name__ == "__main__":
+    args, resumed, run_name, run_dir = parse_run(Args, "mir3_maddpg", CONTINUATION_KEYS, MODEL_FLAGS)
     if args.batch_size is None:
         args.batch_size = 8 if args.rnn else 512
     check_args(args)
-    if resumed is None:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        return args, None, env_kwargs_of(args), run_name, f"runs/{run_name}"
-    run_dir = os.path.dirname(args.resume) or "."  # the resumed run writes into the checkpoint's directory
-    return args, resumed, resumed["env_kwargs"], os.path.basename(os.path.abspath(run_dir)), run_dir
-
-
-def restore(path: str, resumed: dict, models: dict, targets: dict, optimizers: dict, **batch_envs) -> dict:
-    """Load the nets, target nets and optimisers of the --resume checkpoint and the envs' episode counters
-    (``env=..., eval_env=...``); return its counters and global_step. One line and exit 2 if it is unusable."""
-    try:
-        for name, net in models.items():
-            net.load_state_dict(resumed["models"][name])
-        for name, net in targets.items():
-            net.load_state_dict(resumed["continuation"]["targets"][name])
-        for name, opt in optimizers.items():
-            lr = opt.param_groups[0]["lr"]  # this run's flag wins over the checkpoint's
-            opt.load_state_dict(resumed["continuation"]["optimizers"][name])
-            opt.param_groups[0]["lr"] = lr
-        restore_episode_counts(resumed["continuation"]["episode_counts"], **batch_envs)
-        counters = resumed["continuation"]["counters"]
-        return {"global_step": resumed["global_step"], "recent_returns": list(resumed["continuation"]["recent_returns"]),
-                **{k: counters[k] for k in ("updates", "credit", "last_save", "last_eval", "last_log")}}
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        fail(f"--resume {path}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-
-
-if __name__ == "__main__":
-    args, resumed, env_kwargs, run_name, run_dir = parse_args()
-    keep_freed_memory()
+    env_kwargs = env_kwargs_of(args) if resumed is None else resumed["env_kwargs"]
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -488,30 +439,19 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # env setup
-    try:
-        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device, **env_kwargs)
-    except (ValueError, ImportError) as e:
-        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    env, eval_env = make_envs(args, env_kwargs, device)
     N, T, A, discrete = env.n_agents, env.episode_limit, env.n_actions, env.is_discrete  # A: actions, or action dims
     space = action_space_dict(env.action_space)
     if args.mi_coef is None:
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF[discrete])
-    if resumed is not None:
-        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space}.items():
-            if resumed[key] != value:  # the env's code changed since the checkpoint was written
-                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
-    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
-        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
+    check_same_env(args, resumed, env)
     # refuse a replay buffer and CLUB window (allocated below) that cannot fit, before building anything
     capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
     check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A, A if discrete else 0)
                + 4 * args.club_window * (env.state_dim + N * A),
                f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
                "the replay buffer and the CLUB window", "lower --buffer-size (or --club-window, --n-agents)", device)
-    check_writable(run_dir)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = open_run_dir(args, run_dir)
 
     # ALGO LOGIC: initialize agent here
     ids = torch.eye(N, device=device)  # one-hot agent ids
@@ -562,7 +502,8 @@ if __name__ == "__main__":
     print(f"{run_name}: {args.env_id} with {N} agents, obs {env.obs_dim}, state {env.state_dim}, "
           f"{'Discrete' if discrete else 'Box'}({A}), λ = {args.mi_coef}, device {device}")
     if resumed is not None:
-        saved = restore(args.resume, resumed, models, targets, optimizers, env=env, eval_env=eval_env)
+        saved = restore(args, resumed, models, targets, optimizers,  # the command line's learning rates win
+                        ("updates", "credit", "last_save", "last_eval", "last_log"), env=env, eval_env=eval_env)
         global_step, updates, credit = saved["global_step"], saved["updates"], saved["credit"]
         last_save, last_eval, last_log = saved["last_save"], saved["last_eval"], saved["last_log"]
         recent_returns = saved["recent_returns"]
@@ -700,13 +641,8 @@ if __name__ == "__main__":
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
-        ignore_stop_signals()
-        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
-        if args.save_model:
-            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
-            print(f"checkpoint saved to {save()}", flush=True)
-        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1: save, exit 128 + the signal's number
+        stopped(e, save if args.save_model else None)
 
     ignore_stop_signals()
     if args.save_model:

@@ -9,8 +9,6 @@
 import copy
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -20,28 +18,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
-import tyro
-from torch.utils.tensorboard import SummaryWriter
 
-import envs
 from runtime import (
     action_space_dict,
     check_fits,
-    check_writable,
+    check_flags,
+    check_same_env,
     env_kwargs_of,
     episodes_started,
     fail,
-    first_line,
     ignore_stop_signals,
-    keep_freed_memory,
-    read_resume_checkpoint,
-    restore_episode_counts,
-    resumed_args,
+    make_envs,
+    open_run_dir,
+    parse_run,
+    restore,
     rng_state,
     save_checkpoint,
     set_rng_state,
     stop_if_not_finite,
     stop_on_signals,
+    stopped,
 )
 
 # λ per env id, chosen against its reward scale (README, `mir3_mappo.py` section, "Default λ"); any other env
@@ -379,48 +375,23 @@ def evaluate(policy: Policy, env) -> tuple:
     return returns, success
 
 
-def check_args(args: Args) -> None:
-    """Refuse at start-up, in one line, flags that would fail late or make a silently wrong run."""
-    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
-        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    minimum = dict.fromkeys(("num_envs", "num_steps", "total_timesteps", "num_minibatches", "update_epochs", "hidden_dim",
-                             "club_hidden_dim", "club_batch_size", "club_steps", "eval_episodes"), 1)
-    for name, low in {**minimum, "eval_interval": 0, "save_interval": 0}.items():
-        if getattr(args, name) < low:
-            fail(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if args.num_minibatches > args.num_envs * (1 if args.rnn else args.num_steps):
-        fail(f"--num-minibatches ({args.num_minibatches}) must be <= --num-envs{'' if args.rnn else ' x --num-steps'}")
-    rules = {"be >= 0": lambda v: v >= 0, "be > 0": lambda v: v > 0, "lie in [0, 1]": lambda v: 0 <= v <= 1}
-    floats = {"mi_coef": "be >= 0", "gamma": "lie in [0, 1]", "gae_lambda": "lie in [0, 1]", "learning_rate": "be > 0",
+# what each numeric flag must do (runtime.check_flags); --num-minibatches is checked between counts and rates
+COUNT_RULES = {**dict.fromkeys(("num_envs", "num_steps", "total_timesteps", "num_minibatches", "update_epochs",
+                                "hidden_dim", "club_hidden_dim", "club_batch_size", "club_steps", "eval_episodes"),
+                               "be >= 1"), "eval_interval": "be >= 0", "save_interval": "be >= 0"}
+RATE_RULES = {"mi_coef": "be >= 0", "gamma": "lie in [0, 1]", "gae_lambda": "lie in [0, 1]", "learning_rate": "be > 0",
               "club_lr": "be > 0", "clip_coef": "be > 0", "ent_coef": "be >= 0", "vf_coef": "be >= 0",
               "max_grad_norm": "be > 0", "init_log_std": None}
-    for name, rule in floats.items():
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if value is None:  # --mi-coef, --ent-coef: the default of the env or action type
-            continue
-        if not math.isfinite(value):  # NaN fails every comparison: nan > 0 is False, so λ = nan would be silently off
-            fail(f"{flag} must be a finite number, got {value}")
-        if rule is not None and not rules[rule](value):
-            fail(f"{flag} must {rule}, got {value}")
+
+
+def check_args(args: Args) -> None:
+    """Refuse at start-up, in one line, flags that would fail late or make a silently wrong run."""
+    check_flags(args, COUNT_RULES)
+    if args.num_minibatches > args.num_envs * (1 if args.rnn else args.num_steps):
+        fail(f"--num-minibatches ({args.num_minibatches}) must be <= --num-envs{'' if args.rnn else ' x --num-steps'}")
+    check_flags(args, RATE_RULES)  # --mi-coef, --ent-coef None: the default of the env or action type
     if args.mi_estimator not in MI_ESTIMATORS:
         fail(f"--mi-estimator must be one of {', '.join(MI_ESTIMATORS)}, got {args.mi_estimator!r}")
-
-
-def make_envs(args: Args, env_kwargs: dict, device, resumed: Optional[dict]) -> tuple:
-    """The training envs and the evaluation envs (seeds of their own). One line and exit 2 for an unknown env or
-    option, or for envs that no longer match the checkpoint of --resume (the env's code changed since)."""
-    try:
-        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device,
-                             **env_kwargs)
-    except (ValueError, ImportError) as e:
-        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
-    if resumed is not None:
-        for key, value in {"n_agents": env.n_agents, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
-                           "action_space": action_space_dict(env.action_space)}.items():
-            if resumed[key] != value:
-                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
-    return env, eval_env
 
 
 # --resume: besides the weights (with the running statistics of RunningNorm), a checkpoint's "continuation" holds
@@ -431,34 +402,9 @@ MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim"
 CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts")
 
 
-def restore(resumed: dict, path: str, models: dict, optimizers: dict, env, eval_env) -> tuple:
-    """Load the checkpoint of --resume into the nets, optimisers and envs; returns (last_save, last_eval, recent_returns)."""
-    try:
-        for name, net in models.items():
-            net.load_state_dict(resumed["models"][name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(resumed["continuation"]["optimizers"][name])
-        counters = resumed["continuation"]["counters"]
-        recent_returns = list(resumed["continuation"]["recent_returns"])
-        restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        fail(f"--resume {path}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-    return counters["last_save"], counters["last_eval"], recent_returns
-
-
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    resumed = None
-    if args.resume is not None:
-        resumed = read_resume_checkpoint(args.resume, "mir3_mappo", CONTINUATION_KEYS, MODEL_FLAGS)
-        args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-    keep_freed_memory()
+    args, resumed, run_name, run_dir = parse_run(Args, "mir3_mappo", CONTINUATION_KEYS, MODEL_FLAGS)
     check_args(args)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
-        run_dir = os.path.dirname(args.resume) or "."
-        run_name = os.path.basename(os.path.abspath(run_dir))
     env_kwargs = env_kwargs_of(args, DEFAULT_ENV_KWARGS.get(args.env_id)) if resumed is None else resumed["env_kwargs"]
 
     # TRY NOT TO MODIFY: seeding
@@ -467,7 +413,8 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env, eval_env = make_envs(args, env_kwargs, device, resumed)
+    env, eval_env = make_envs(args, env_kwargs, device)
+    check_same_env(args, resumed, env)
     N, discrete, A = env.n_agents, env.is_discrete, env.n_actions  # A: number of discrete actions, or action dim
     space = action_space_dict(env.action_space)
     args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, FALLBACK_MI_COEF) if args.mi_coef is None else args.mi_coef
@@ -481,11 +428,7 @@ if __name__ == "__main__":
     check_fits(T * E * (4 * N * env.obs_dim + 8 * env.state_dim + N * A + 4 * N * (1 if discrete else A) + 4 * N + 9),
                f"--num-steps {T} x --num-envs {E} with {N} agents (obs {env.obs_dim})", "the rollout storage",
                "lower --num-steps or --num-envs", device)
-    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
-        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
-    check_writable(run_dir)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = open_run_dir(args, run_dir)
 
     # ALGO LOGIC: initialize agent here
     actor = Actor(env.obs_dim, N, A, args.hidden_dim, args.rnn, discrete, args.init_log_std, args.norm_obs).to(device)
@@ -539,9 +482,9 @@ if __name__ == "__main__":
     global_step, iteration, last_save, last_eval, last_print = start_step, done_iterations, 0, 0, 0.0
     recent_returns, losses = [], {}
     if resumed is not None:
-        last_save, last_eval, recent_returns = restore(resumed, args.resume, models, optimizers, env, eval_env)
-        optimizer.param_groups[0]["lr"] = args.learning_rate  # the command line's wins (--anneal-lr: its start)
-        club_opt.param_groups[0]["lr"] = args.club_lr
+        # the command line's learning rates win (--anneal-lr: its start); RunningNorm's statistics are in the models
+        saved = restore(args, resumed, models, {}, optimizers, ("last_save", "last_eval"), env=env, eval_env=eval_env)
+        last_save, last_eval, recent_returns = saved["last_save"], saved["last_eval"], saved["recent_returns"]
         print(f"resuming {args.resume} at global_step={global_step}, iteration {iteration + 1} of {num_iterations}: "
               f"new episodes", flush=True)
     obs, state, avail = env.reset()
@@ -691,13 +634,8 @@ if __name__ == "__main__":
                 last_print = time.time()
                 ret = np.mean(recent_returns) if recent_returns else float("nan")
                 print(f"global_step={global_step} SPS={sps} updates={iteration} return={ret:.2f}", flush=True)
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
-        ignore_stop_signals()
-        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
-        if args.save_model:
-            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
-            print(f"checkpoint saved to {save()}", flush=True)
-        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1: save, exit 128 + the signal's number
+        stopped(e, save if args.save_model else None)
 
     ignore_stop_signals()
     if args.save_model:

@@ -9,10 +9,7 @@
 # env's bounds, rewards are standardised with running statistics in the TD target as epymarl does (after
 # the MIR3 penalty, so λ is in reward units as in the other two scripts), and targets are TD(λ) with
 # λ = 0.6 as in pymarl2's fine-tuned QMIX.
-import math
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Annotated, Optional
@@ -23,27 +20,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 import tyro
-from torch.utils.tensorboard import SummaryWriter
 
-import envs
 from runtime import (
     action_space_dict,
     check_fits,
-    check_writable,
+    check_flags,
+    check_same_env,
     env_kwargs_of,
     episodes_started,
-    fail,
-    first_line,
     ignore_stop_signals,
-    keep_freed_memory,
-    read_resume_checkpoint,
-    restore_episode_counts,
-    resumed_args,
+    make_envs,
+    open_run_dir,
+    parse_run,
+    restore,
     rng_state,
     save_checkpoint,
     set_rng_state,
     stop_if_not_finite,
     stop_on_signals,
+    stopped,
 )
 
 # λ per env id, or per family ("lbf:"), else the fallback; in reward units. How they were chosen: README, "mir3_qmix.py".
@@ -397,28 +392,15 @@ def input_bounds(env, device):
                                        obs_high * env.n_agents if state_bounds else None, device)
 
 
-# the range of every numeric flag: a value outside it would run, but silently wrong
-FLAG_RANGES = (
-    ("be >= 1", lambda v: v >= 1, ("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim",
-                                   "mixer_embed_dim", "hypernet_dim", "eval_episodes", "target_update_interval",
-                                   "club_hidden_dim", "club_window", "club_batch_size")),
-    ("be >= 0", lambda v: v >= 0, ("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval", "mi_coef")),
-    ("lie in [0, 1]", lambda v: 0 <= v <= 1, ("gamma", "td_lambda", "epsilon_start", "epsilon_finish")),
-    ("be > 0", lambda v: v > 0, ("learning_rate", "club_lr", "max_grad_norm", "updates_per_episode")),
-)
-
-
-def check_args(args: Args) -> None:
-    """Refuse a flag out of its range at start-up, with one line; NaN and ±inf never pass."""
-    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
-        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
-    for rule, ok, names in FLAG_RANGES:
-        for name in names:
-            value, flag = getattr(args, name), "--" + name.replace("_", "-")
-            if not math.isfinite(value):
-                fail(f"{flag} must be a finite number, got {value}")
-            if not ok(value):
-                fail(f"{flag} must {rule}, got {value}")
+# the range of every numeric flag (runtime.check_flags): a value outside it would run, but silently wrong
+FLAG_RULES = {
+    **dict.fromkeys(("num_envs", "total_timesteps", "batch_size", "buffer_size", "hidden_dim", "mixer_embed_dim",
+                     "hypernet_dim", "eval_episodes", "target_update_interval", "club_hidden_dim", "club_window",
+                     "club_batch_size"), "be >= 1"),
+    **dict.fromkeys(("learning_starts", "epsilon_anneal_steps", "eval_interval", "save_interval", "mi_coef"), "be >= 0"),
+    **dict.fromkeys(("gamma", "td_lambda", "epsilon_start", "epsilon_finish"), "lie in [0, 1]"),
+    **dict.fromkeys(("learning_rate", "club_lr", "max_grad_norm", "updates_per_episode"), "be > 0"),
+}
 
 
 # --resume: besides the weights, a checkpoint's "continuation" holds what a run needs to go on: optimiser and
@@ -431,23 +413,12 @@ CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    resumed = None
-    if args.resume is not None:
-        resumed = read_resume_checkpoint(args.resume, "mir3_qmix", CONTINUATION_KEYS, MODEL_FLAGS)
-        if "lr" in resumed["args"]:  # saved before --lr became --learning-rate
-            resumed["args"]["learning_rate"] = resumed["args"].pop("lr")
-        args = resumed_args(args.resume, resumed, Args, MODEL_FLAGS)
-    keep_freed_memory()
+    args, resumed, run_name, run_dir = parse_run(Args, "mir3_qmix", CONTINUATION_KEYS, MODEL_FLAGS,
+                                                 renamed={"lr": "learning_rate"})  # saved before --lr was renamed
     if args.mi_coef is None:
         args.mi_coef = DEFAULT_MI_COEF.get(args.env_id, DEFAULT_MI_COEF.get(args.env_id.split(":")[0] + ":", FALLBACK_MI_COEF))
-    check_args(args)
+    check_flags(args, FLAG_RULES)
     env_kwargs = env_kwargs_of(args, example='{"max_episode_steps": 25}') if resumed is None else resumed["env_kwargs"]
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = f"runs/{run_name}"
-    if resumed is not None:  # the resumed run writes into the checkpoint's directory, and overwrites it
-        run_dir = os.path.dirname(args.resume) or "."
-        run_name = os.path.basename(os.path.abspath(run_dir))
 
     # TRY NOT TO MODIFY: seeding
     np.random.seed(args.seed)
@@ -455,30 +426,18 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    try:
-        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
-        if not env.is_discrete:
-            fail(f"mir3_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
-                 f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete) or mir3_maddpg.py")
-        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device, **env_kwargs)
-    except (ValueError, ImportError) as e:
-        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    env, eval_env = make_envs(args, env_kwargs, device, box_error=(
+        f"mir3_qmix needs discrete actions, but {args.env_id!r} has Box actions; use a discrete "
+        f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete) or mir3_maddpg.py"))
     N, T, A = env.n_agents, env.episode_limit, env.n_actions
     space = action_space_dict(env.action_space)
-    if resumed is not None:
-        for key, value in {"n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "action_space": space}.items():
-            if resumed[key] != value:  # the env's code changed since the checkpoint was written
-                fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
-    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
-        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")  # left by a save that was killed: never a checkpoint
+    check_same_env(args, resumed, env)
     capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
     check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A)
                + args.club_window * (4 * env.state_dim + 8 * N),
                f"--buffer-size {args.buffer_size} with {N} agents (obs {env.obs_dim}, {T}-step episodes)",
                "the replay buffer and the CLUB window", "lower --buffer-size (or --club-window, --n-agents)", device)
-    check_writable(run_dir)
-    writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer = open_run_dir(args, run_dir)
 
     # ALGO LOGIC: initialize agent here
     agent = RNNAgent(env.obs_dim + A + N, A, args.hidden_dim).to(device)
@@ -505,7 +464,8 @@ if __name__ == "__main__":
 
     optimizers = {"qmix": optimizer, **({"club": club_opt} if args.mi_coef > 0 else {})}
     targets = {"agent": target_agent, "mixer": target_mixer}
-    watched = {"agent weights": agent, "mixer weights": mixer, **({"club weights": club} if args.mi_coef > 0 else {})}
+    models = {"agent": agent, "mixer": mixer, **({"club": club} if args.mi_coef > 0 else {})}
+    watched = {f"{k} weights": net for k, net in models.items()}  # checked for NaN/inf
 
     def save() -> str:
         stop_if_not_finite(global_step, metrics, watched)  # a diverged run never overwrites a good checkpoint
@@ -513,8 +473,7 @@ if __name__ == "__main__":
             "script": "mir3_qmix", "args": asdict(args), "env_id": args.env_id, "env_kwargs": env_kwargs,
             "n_agents": N, "obs_dim": env.obs_dim, "state_dim": env.state_dim, "obs_low": obs_low, "obs_high": obs_high,
             "action_space": space, "global_step": global_step,
-            "models": {"agent": agent.state_dict(), "mixer": mixer.state_dict(),
-                       **({"club": club.state_dict()} if args.mi_coef > 0 else {})},
+            "models": {k: net.state_dict() for k, net in models.items()},
             "continuation": {  # what --resume needs (the CLUB window refills with the replay buffer)
                 "optimizers": {k: opt.state_dict() for k, opt in optimizers.items()},
                 "targets": {k: net.state_dict() for k, net in targets.items()},
@@ -532,28 +491,18 @@ if __name__ == "__main__":
     credit = 0.0  # gradient steps owed to finished episodes (--updates-per-episode)
     recent_returns, metrics = [], {}
     if resumed is not None:
-        try:
-            # the CLUB estimator where both runs have one (λ > 0); a run that turns λ on starts a fresh one
-            with_club = args.mi_coef > 0 and "club" in resumed["models"]
-            for name, net in (("agent", agent), ("mixer", mixer), *((("club", club),) if with_club else ())):
-                net.load_state_dict(resumed["models"][name])
-            for name, net in targets.items():
-                net.load_state_dict(resumed["continuation"]["targets"][name])
-            for name, opt in optimizers.items():
-                if name != "club" or with_club:
-                    opt.load_state_dict(resumed["continuation"]["optimizers"][name])
-            counters = resumed["continuation"]["counters"]
-            global_step, updates, credit = resumed["global_step"], counters["updates"], counters["credit"]
-            last_save, last_eval, last_log = counters["last_save"], counters["last_eval"], counters["last_log"]
-            recent_returns = list(resumed["continuation"]["recent_returns"])
-            norms = resumed["continuation"]["norms"]  # the running reward statistics of the standardisation
-            reward_mean, reward_var = norms["reward_mean"].to(device), norms["reward_var"].to(device)
-            reward_count = float(norms["reward_count"])
-            restore_episode_counts(resumed["continuation"]["episode_counts"], env=env, eval_env=eval_env)
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
-        for name, opt in optimizers.items():  # the command line's learning rates win
-            opt.param_groups[0]["lr"] = args.club_lr if name == "club" else args.learning_rate
+        def restore_norms(continuation: dict) -> dict:  # the running reward statistics of the standardisation
+            norms = continuation["norms"]
+            return {"reward_mean": norms["reward_mean"].to(device), "reward_var": norms["reward_var"].to(device),
+                    "reward_count": float(norms["reward_count"])}
+
+        # the CLUB estimator where both runs have one (λ > 0); a run that turns λ on starts a fresh one
+        saved = restore(args, resumed, models, targets, optimizers, ("updates", "credit", "last_save", "last_eval",
+                        "last_log"), optional={"club": ("club",)}, extra=restore_norms, env=env, eval_env=eval_env)
+        global_step, updates, credit = saved["global_step"], saved["updates"], saved["credit"]
+        last_save, last_eval, last_log = saved["last_save"], saved["last_eval"], saved["last_log"]
+        recent_returns = saved["recent_returns"]
+        reward_mean, reward_var, reward_count = saved["reward_mean"], saved["reward_var"], saved["reward_count"]
         print(f"resuming {args.resume} at global_step={global_step}: new episodes, and no learning during the "
               f"first {args.learning_starts} steps, which refill the replay buffer (and until it holds "
               f"{args.batch_size} episodes)", flush=True)
@@ -673,13 +622,8 @@ if __name__ == "__main__":
             if args.save_model and args.save_interval and global_step - last_save >= args.save_interval:
                 last_save = global_step
                 save()
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1
-        ignore_stop_signals()
-        signum = int(e.args[0]) if e.args else int(signal.SIGINT)
-        if args.save_model:
-            print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
-            print(f"checkpoint saved to {save()}", flush=True)
-        sys.exit(128 + signum)  # the shell's code for death by that signal (Ctrl-C: 130)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGUSR1: save, exit 128 + the signal's number
+        stopped(e, save if args.save_model else None)
 
     ignore_stop_signals()
     if args.save_model:

@@ -10,11 +10,15 @@ import math
 import os
 import signal
 import sys
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+import envs
 
 
 def fail(message: str) -> None:
@@ -136,9 +140,13 @@ def read_resume_checkpoint(path: str, script: str, continuation_keys: tuple, mod
     return ckpt
 
 
-def resumed_args(path: str, ckpt: dict, args_class, model_flags: tuple):
+def resumed_args(path: str, ckpt: dict, args_class, model_flags: tuple, renamed: Optional[dict] = None):
     """The flags (an ``args_class``) of a resumed run: the checkpoint's, overridden by those on the command line,
-    except the ones that define the model and the env (``model_flags``): those must agree with the checkpoint."""
+    except the ones that define the model and the env (``model_flags``): those must agree with the checkpoint.
+    ``renamed`` ({old: new}) reads a flag saved under its old name, as the new one."""
+    for old, new in (renamed or {}).items():
+        if old in ckpt["args"]:  # saved before the flag was renamed
+            ckpt["args"][new] = ckpt["args"].pop(old)
     saved = {k: v for k, v in ckpt["args"].items() if k in args_class.__dataclass_fields__}
     args = tyro.cli(args_class, default=args_class(**{**saved, "resume": path}))  # parse again, with saved defaults
     for name in model_flags:
@@ -215,3 +223,126 @@ def restore_episode_counts(counts: dict, **batch_envs) -> None:
         started = counts[name]
         n = min(batch_env.num_envs, len(started))
         batch_env.episode_count[:n] = started[:n].to(batch_env.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run plumbing of the training scripts, in the order they call it: before the training loop
+# (parse_run, check_flags, make_envs, check_same_env, open_run_dir, restore) and after it (stopped).
+# ---------------------------------------------------------------------------------------------
+def parse_run(args_class, script: str, continuation_keys: tuple, model_flags: tuple,
+              renamed: Optional[dict] = None) -> tuple:
+    """Parse the command line into an ``args_class``; with --resume, read the checkpoint (``read_resume_checkpoint``)
+    and take its flags (``resumed_args``, with ``renamed``). Returns (args, the --resume checkpoint or None, run_name,
+    run_dir): a fresh run writes to runs/{env_id}__{exp_name}__{seed}__{time}, a resumed one into its checkpoint's
+    directory (and overwrites the checkpoint). Also ``keep_freed_memory``."""
+    args = tyro.cli(args_class)
+    resumed = None
+    if args.resume is not None:
+        resumed = read_resume_checkpoint(args.resume, script, continuation_keys, model_flags)
+        args = resumed_args(args.resume, resumed, args_class, model_flags, renamed)
+    keep_freed_memory()
+    if resumed is None:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        return args, None, run_name, f"runs/{run_name}"
+    run_dir = os.path.dirname(args.resume) or "."
+    return args, resumed, os.path.basename(os.path.abspath(run_dir)), run_dir
+
+
+# what a numeric flag must do (the words of the error message) -> its test; a rule may add a reason: "be >= 1 (why)"
+FLAG_TESTS = {"be >= 1": lambda v: v >= 1, "be >= 0": lambda v: v >= 0, "be > 0": lambda v: v > 0,
+              "lie in [0, 1]": lambda v: 0 <= v <= 1, "lie in (0, 1]": lambda v: 0 < v <= 1,
+              "lie in [0, 1)": lambda v: 0 <= v < 1}
+
+
+def check_flags(args, rules: dict) -> None:
+    """Refuse at start-up, one line and exit 2, an --exp-name that cannot name files under runs/, and a numeric flag
+    that breaks its rule: ``rules`` maps a flag to a key of FLAG_TESTS, maybe with a reason ("be >= 1 (why)"), or
+    to None (only finite). Checked in the order of ``rules``; NaN and ±inf never pass; None values (a default that
+    depends on the env) are skipped."""
+    if not 1 <= len(args.exp_name) <= 100 or "/" in args.exp_name or ".." in args.exp_name:
+        fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
+    for name, rule in rules.items():
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if not math.isfinite(value):  # NaN fails every comparison: nan > 0 is False, so λ = nan would be silently off
+            fail(f"{flag} must be a finite number, got {value}")
+        if rule is not None and not next(test for words, test in FLAG_TESTS.items() if rule.startswith(words))(value):
+            fail(f"{flag} must {rule}, got {value}")
+
+
+def make_envs(args, env_kwargs: dict, device, box_error: Optional[str] = None) -> tuple:
+    """The training envs (--num-envs, --seed) and the evaluation envs (--eval-episodes, seeds of their own).
+    One line and exit 2 for an unknown env or option, or with the message ``box_error`` for Box actions (checked
+    before the evaluation envs are built)."""
+    try:
+        env = envs.make(args.env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
+        if box_error is not None and not env.is_discrete:
+            fail(box_error)
+        eval_env = envs.make(args.env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device,
+                             **env_kwargs)
+    except (ValueError, ImportError) as e:
+        fail(str(e).splitlines()[0] if isinstance(e, ValueError) else str(e))
+    return env, eval_env
+
+
+def check_same_env(args, resumed: Optional[dict], env) -> None:
+    """With --resume, one line and exit 2 if ``env`` no longer matches the checkpoint (the env's code changed since)."""
+    if resumed is None:
+        return
+    for key, value in {"n_agents": env.n_agents, "obs_dim": env.obs_dim, "state_dim": env.state_dim,
+                       "action_space": action_space_dict(env.action_space)}.items():
+        if resumed[key] != value:
+            fail(f"--resume {args.resume}: {args.env_id} now has {key} {value}, the checkpoint {resumed[key]}")
+
+
+def open_run_dir(args, run_dir: str):
+    """Remove ``{exp_name}.pt.tmp`` (left by a save that was killed: never a checkpoint), refuse (one line, exit 2)
+    a run directory that cannot be written, and return its TensorBoard writer with the flags as text."""
+    if os.path.exists(f"{run_dir}/{args.exp_name}.pt.tmp"):
+        os.remove(f"{run_dir}/{args.exp_name}.pt.tmp")
+    check_writable(run_dir)
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
+def restore(args, resumed: dict, models: dict, targets: dict, optimizers: dict, counters: tuple,
+            optional: Optional[dict] = None, extra: Optional[Callable[[dict], dict]] = None, **batch_envs) -> dict:
+    """Load the --resume checkpoint into the nets (``models``, ``targets``: {name: module}), the optimisers and the
+    envs' episode counters (``env=..., eval_env=...``). Every script keeps this run's learning rates (the flags,
+    which the optimisers were built with) over the checkpoint's. ``optional`` ({model: its optimisers}): models a run
+    may have that the checkpoint lacks (a run that turns λ or the attacks on), trained from scratch then.
+    ``extra(continuation)`` loads a script's own state and returns what to add to the answer. Returns
+    global_step, recent_returns and the ``counters``; one line and exit 2 if the checkpoint is unusable."""
+    try:
+        continuation = resumed["continuation"]
+        fresh = {n for model, opts in (optional or {}).items() if model not in resumed["models"] for n in (model, *opts)}
+        for name, net in models.items():
+            if name not in fresh:
+                net.load_state_dict(resumed["models"][name])
+        for name, net in targets.items():
+            net.load_state_dict(continuation["targets"][name])
+        for name, opt in optimizers.items():
+            if name not in fresh:
+                lr = opt.param_groups[0]["lr"]
+                opt.load_state_dict(continuation["optimizers"][name])
+                opt.param_groups[0]["lr"] = lr
+        loaded = extra(continuation) if extra is not None else {}
+        restore_episode_counts(continuation["episode_counts"], **batch_envs)
+        return {"global_step": resumed["global_step"], "recent_returns": list(continuation["recent_returns"]),
+                **{k: continuation["counters"][k] for k in counters}, **loaded}
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        fail(f"--resume {args.resume}: unusable checkpoint ({type(e).__name__}: {first_line(e)})")
+
+
+def stopped(e: KeyboardInterrupt, save: Optional[Callable[[], str]]) -> None:
+    """After Ctrl-C, SIGTERM or SIGUSR1 (``e``, raised by ``stop_on_signals``' handler): ignore further stop signals,
+    ``save()`` the checkpoint unless ``save`` is None (--no-save-model), and exit with the shell's code for death by
+    that signal, 128 + its number (Ctrl-C: 130)."""
+    ignore_stop_signals()
+    signum = int(e.args[0]) if e.args else int(signal.SIGINT)
+    if save is not None:
+        print(f"interrupted by {signal.Signals(signum).name}: saving, please wait", flush=True)
+        print(f"checkpoint saved to {save()}", flush=True)
+    sys.exit(128 + signum)
