@@ -1,11 +1,5 @@
-# Worst-case adversary against a frozen cooperative team, plus non-adversarial disturbances: the robustness protocol
-# of the MIR3 paper (Li et al., IEEE TNNLS 2025, sections II-A3 and IV-A3). Freeze the policy of a mir3_maddpg /
-# mir3_qmix / mir3_mappo / ibal_qmix checkpoint, hand k agents to an adversary that sees what they see, acts in their
-# action space and maximises the negated team reward, train it with PPO (one actor shared by the adversary agents, a
-# centralised value on the global state), then evaluate greedy episodes: no attack, a random adversary, the trained
-# one and, on request, scripted adversaries, the paper's Table I disturbances and IBAL's Dis-k and interaction-
-# breaking attack. Per condition: mean return with a Student-t 95% interval, success rate with a Wilson interval.
-#
+# Worst-case adversary against a frozen cooperative team (k agents handed to a PPO adversary that maximises the negated
+# team reward), plus non-adversarial disturbances: the robustness protocol of MIR3 (Li et al., TNNLS 2025; README).
 #   python attack_worstcase.py --checkpoint runs/<run>/mir3_maddpg.pt --adversaries 0 --total-timesteps 200000
 #   python attack_worstcase.py --checkpoint <ckpt> --obs-noise 0.1 --action-repeat 0.3 --disable 1 --env-shift default
 #   python attack_worstcase.py --adversary-checkpoint runs/<attack run>/attack_worstcase.pt   # re-evaluate
@@ -128,11 +122,8 @@ class Args:
 
 
 class AdversaryActor(nn.Module):
-    """One actor shared by the adversary agents ``idx``; its input is an agent's observation + one-hot adversary slot.
-
-    Discrete: masked categorical over logits. Continuous: Gaussian with a state-independent, learnable log-std in
-    normalised units [-1, 1], which ``to_env`` rescales to the Box of ``space`` (the env clips).
-    """
+    """One actor shared by the adversary agents ``idx``, on an agent's observation + one-hot adversary slot: a masked
+    categorical, or a Gaussian with a learnable log-std in [-1, 1] units that ``to_env`` maps onto the Box (env clips)."""
 
     def __init__(self, obs_dim: int, n_out: int, hidden_dim: int, idx: List[int], space: dict, device):
         super().__init__()
@@ -180,8 +171,8 @@ class Value(nn.Module):
 
 
 class RandomAdversary:
-    """Uniform random actions (over the available ones) for the adversary agents. Every adversary of the
-    evaluation has act(obs, avail, env) -> the adversary agents' actions [E, k] or [E, k, d] in ``env``."""
+    """Uniform random actions (over the available ones). Every adversary of the evaluation has act(obs, avail, env) ->
+    the adversary agents' actions [E, k] or [E, k, d] in ``env``."""
 
     def __init__(self, idx: List[int], env, generator: torch.Generator):
         self.idx, self.discrete, self.g = torch.as_tensor(idx, device=env.device), env.is_discrete, generator
@@ -199,8 +190,8 @@ class RandomAdversary:
 
 
 class ScriptedAdversary:
-    """A fixed behaviour of the adversary agents, a yardstick the trained adversary should beat: "stop" (the env's
-    do-nothing action) or "flee" (rendezvous: drive away from the swarm at full speed, read from the env's state)."""
+    """A yardstick the trained adversary should beat: "stop" (the env's do-nothing action) or "flee" (rendezvous: drive
+    away from the swarm at full speed)."""
 
     KINDS = ("stop", "flee")
 
@@ -214,26 +205,20 @@ class ScriptedAdversary:
 
 
 def nothing_actions(null: torch.Tensor, env_id: str, avail: torch.Tensor, num_envs: int) -> torch.Tensor:
-    """Every agent's 'do nothing' [E, N] or [E, N, d]: the env's ``null_action()`` (``null``), except on SMAC,
-    where the no-op is for dead units only and a live one stops (action 1) when it can."""
-    if env_id.startswith("smac:"):
-        return avail[..., 1].long()
-    return null.expand(num_envs, *null.shape)
+    """Every agent's 'do nothing' [E, N] or [E, N, d]: the env's ``null_action()`` (``null``), except on SMAC, whose no-op
+    is for dead units only: a live one stops (action 1) when it can."""
+    return avail[..., 1].long() if env_id.startswith("smac:") else null.expand(num_envs, *null.shape)
 
 
 def executed_last_action_fn(script: str, module):
-    """QMIX agents keep the one-hot of their last action in their hidden state, and ``act`` records the one they
-    chose. When the executed action differs (an adversary's, a repeat, a disabled agent's), the script's
-    ``executed_as_last_action(hidden, actions, n_actions)`` puts it there instead, as in their training."""
+    """QMIX agents keep their last action's one-hot in the hidden state; where the executed action differs (an adversary's,
+    a repeat, a disabled agent's), the script's ``executed_as_last_action`` puts that one there, as in training."""
     return module.executed_as_last_action if script in QMIX_SCRIPTS else None
 
 
 class ObsSpread:
-    """Per-dimension std of observations [..., D], accumulated over batches.
-
-    Sums are taken around the first observation in float64, so a dimension that never changes gets
-    exactly 0; dims below 1e-6 of the largest std count as constant (scale 0: no noise on them).
-    """
+    """Per-dim std of observations [..., D] over batches, summed in float64 around the first one (a constant dim gets
+    exactly 0); dims below 1e-6 of the largest std count as constant (scale 0: no noise on them)."""
 
     def __init__(self):
         self.n, self.shift, self.s1, self.s2 = 0, None, 0.0, 0.0
@@ -242,8 +227,7 @@ class ObsSpread:
         x = obs.detach().double().reshape(-1, obs.shape[-1])
         if x.shape[0] == 0:
             return
-        if self.shift is None:
-            self.shift = x[0].clone()
+        self.shift = x[0].clone() if self.shift is None else self.shift
         d = x - self.shift
         self.n, self.s1, self.s2 = self.n + d.shape[0], self.s1 + d.sum(0), self.s2 + (d * d).sum(0)
 
@@ -255,14 +239,8 @@ class ObsSpread:
 @torch.no_grad()
 def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noise=0.0, noise_unit=None,
                  repeat_p=0.0, disable_k=0, seed=0, record=False, last_action=None, obs_spread=None):
-    """One greedy episode in each of ``env.num_envs`` envs under one condition.
-
-    ``obs_noise`` σ adds Gaussian noise with std σ·``noise_unit.scale()`` (an ObsSpread's) to the defender's
-    observations. ``obs_spread``: an ObsSpread fed with every observation of the episodes.
-    ``last_action``: a QMIX script's ``executed_as_last_action``, so the agents' last-action input is what was
-    executed. Returns (returns [E], success [E], trajectory) where trajectory is a list of env 0's agent positions
-    [N, 2] (only with ``record`` and an env that exposes ``pos``).
-    """
+    """One greedy episode per env under one condition -> (returns [E], success [E], env 0's agent positions per step if
+    ``record``). Observation noise: σ ``obs_noise`` × ``noise_unit.scale()``; ``obs_spread`` sees every observation."""
     E, N, dev = env.num_envs, env.n_agents, env.device
     g = torch.Generator().manual_seed(seed)
     obs, _, avail = env.reset()
@@ -296,7 +274,7 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
                 repeat = repeat.unsqueeze(-1)
             actions = torch.where(repeat, prev, actions)
         prev = actions
-        if last_action is not None:
+        if last_action is not None:  # QMIX: the agents' last-action input is what was executed
             hidden = last_action(hidden, actions, env.n_actions)
         obs, _, avail, reward, terminated, truncated, info = env.step(actions)
         returns += reward * running
@@ -307,9 +285,8 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
 
 
 def student_t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with an integer ``df`` >= 1, without scipy: bisection on the exact CDF for df <= 30
-    (Abramowitz & Stegun 26.7.3 / 26.7.4), above that the Cornish-Fisher expansion (A&S 26.7.5, error < 1e-6 at
-    p = 0.975)."""
+    """Student's t quantile, integer ``df`` >= 1, without scipy: bisection on the exact CDF (Abramowitz & Stegun 26.7.3/4)
+    for df <= 30, above that the Cornish-Fisher expansion (A&S 26.7.5, error < 1e-6 at p = 0.975)."""
     if not 0.0 < p < 1.0 or int(df) != df or df < 1:
         raise ValueError(f"need 0 < p < 1 and an integer df >= 1, got p={p}, df={df}")
     if p < 0.5:
@@ -319,13 +296,12 @@ def student_t_quantile(p: float, df: int) -> float:
         return (x + (x**3 + x) / (4 * v) + (5 * x**5 + 16 * x**3 + 3 * x) / (96 * v**2)
                 + (3 * x**7 + 19 * x**5 + 17 * x**3 - 15 * x) / (384 * v**3)
                 + (79 * x**9 + 776 * x**7 + 1482 * x**5 - 1920 * x**3 - 945 * x) / (92160 * v**4))
+    odd = df % 2 == 1  # A = 2 P(T <= t) - 1 = 2/π (θ + sinθ cosθ (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ...)) for an odd df,
+    # sinθ (1 + 1/2 cos²θ + 1·3/(2·4) cos⁴θ + ...) for an even one, θ = atan(t / √df)
 
     def cdf(t: float) -> float:  # P(T <= t) for t >= 0
         theta = math.atan(t / math.sqrt(df))
-        c2 = math.cos(theta) ** 2
-        odd = df % 2 == 1
-        # odd: A = 2/π (θ + sinθ cosθ (1 + 2/3 cos²θ + 2·4/(3·5) cos⁴θ + ...)); even: A = sinθ (1 + 1/2 cos²θ + ...)
-        term, total = 1.0, 0.0 if df == 1 else 1.0
+        c2, term, total = math.cos(theta) ** 2, 1.0, 0.0 if df == 1 else 1.0
         for k in range(1, (df - 1) // 2 if odd else df // 2):
             term *= (2 * k / (2 * k + 1) if odd else (2 * k - 1) / (2 * k)) * c2
             total += term
@@ -395,7 +371,7 @@ def json_object(text: str, flag: str) -> dict:
 
 
 def read_checkpoint(path: str, what: str) -> dict:
-    """torch.load(weights_only=True) of a dict with finite weights, or one clear error line."""
+    """torch.load(weights_only=True) of a dict with finite weights (a diverged run's numbers mean nothing), or one line."""
     if not path or not os.path.isfile(path):
         fail(f"{what} not found: {path}")
     if os.path.getsize(path) == 0:
@@ -406,8 +382,7 @@ def read_checkpoint(path: str, what: str) -> dict:
         fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {first_line(e)[:120]})")
     if not isinstance(ckpt, dict):
         fail(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    models = ckpt.get("models") if isinstance(ckpt.get("models"), dict) else {}
-    for name, state_dict in models.items():  # a diverged run: its numbers would mean nothing
+    for name, state_dict in (ckpt["models"] if isinstance(ckpt.get("models"), dict) else {}).items():
         for key, t in state_dict.items() if isinstance(state_dict, dict) else ():
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 fail(f"{what} {path} has non-finite values (NaN or inf) in models.{name}.{key}")
@@ -422,8 +397,7 @@ def load_checkpoints(args: Args, device):
         adv_ckpt = read_checkpoint(args.adversary_checkpoint, "adversary checkpoint")
         if adv_ckpt.get("script") != "attack_worstcase":
             fail(f"{args.adversary_checkpoint} is not an attack_worstcase adversary (script: {adv_ckpt.get('script')!r})")
-        if args.checkpoint is None:
-            args.checkpoint = adv_ckpt.get("checkpoint")
+        args.checkpoint = adv_ckpt.get("checkpoint") if args.checkpoint is None else args.checkpoint
     if args.checkpoint is None:
         fail("give --checkpoint (a defender .pt) or --adversary-checkpoint")
     ckpt = read_checkpoint(args.checkpoint, "checkpoint")
@@ -457,36 +431,36 @@ def signature(env) -> dict:
             "action_space": action_space_dict(env.action_space)}
 
 
-def env_shift_options(args: Args, env_id: str, found: dict, make_eval_env) -> Optional[dict]:
-    """The env options of the env_shift condition, None without --env-shift. The shifted env is built now, so that a
-    bad option never costs a training run, and must give the team the same agents, inputs and actions (``found``)."""
-    if args.env_shift is None:
-        return None
-    try:
-        shift = envs.env_shift_kwargs(env_id) if args.env_shift == "default" else json_object(args.env_shift, "--env-shift")
-        shifted_env = make_eval_env(shift)
-    except (ValueError, TypeError, ImportError) as e:
-        fail(f"--env-shift {args.env_shift} on {env_id!r}: {first_line(e)}")
-    shifted = signature(shifted_env)
-    shifted_env.close()
+def check_setting(args: Args, ckpt: dict, env_id: str, found: dict, adv_ckpt: Optional[dict], make_eval_env):
+    """Before any work, check against the env (``found``: its signature) the checkpoint, --scripted kinds, --env-shift
+    (whose env options it returns, None without it: the shifted env must give the team the same agents, inputs and
+    actions), writable outputs, and the adversary agents, which it returns sorted: the adversary checkpoint's,
+    --num-adversaries random ones (seeded), --adversaries, or agent 0. At least one agent stays a defender."""
     for key, value in found.items():
-        if shifted[key] != value:
-            fail(f"--env-shift {json.dumps(shift)} changes {key} ({value} -> {shifted[key]}); the team cannot act there")
-    return shift
-
-
-def check_outputs(args: Args) -> None:
-    """Refuse a --report that is a directory or cannot be written, and an unwritable runs/, before any work."""
+        if ckpt[key] != value:
+            fail(f"env {env_id!r} does not match the checkpoint (trained on {ckpt['env_id']!r}): "
+                 f"{key} is {value} here but {ckpt[key]} in the checkpoint")
+    for kind in args.scripted:
+        if kind not in ScriptedAdversary.KINDS or (kind == "flee" and not env_id.startswith("rendezvous")):
+            fail(f"--scripted {kind!r}: choose from stop (any env) and flee (rendezvous only)")
+    shift = None
+    if args.env_shift is not None:
+        try:
+            shift = (envs.env_shift_kwargs(env_id) if args.env_shift == "default"
+                     else json_object(args.env_shift, "--env-shift"))
+            shifted_env = make_eval_env(shift)
+        except (ValueError, TypeError, ImportError) as e:
+            fail(f"--env-shift {args.env_shift} on {env_id!r}: {first_line(e)}")
+        shifted = signature(shifted_env)
+        shifted_env.close()
+        for key, value in found.items():
+            if shifted[key] != value:
+                fail(f"--env-shift {json.dumps(shift)} changes {key} ({value} -> {shifted[key]}); the team cannot act there")
     if args.report is not None:
         if os.path.isdir(args.report):
             fail(f"--report {args.report!r} is a directory; give a file name")
         check_writable(os.path.dirname(os.path.abspath(args.report)), "the directory of --report")
     check_writable("runs", "the run directory")
-
-
-def adversary_agents(args: Args, adv_ckpt: Optional[dict], found: dict) -> List[int]:
-    """The adversary agents (sorted): the adversary checkpoint's (trained in an env like ``found``), --num-adversaries
-    random ones (seeded), --adversaries, or agent 0. At least one agent stays a defender, under --disable k too."""
     N = found["n_agents"]
     if adv_ckpt is not None:
         adv_idx = list(adv_ckpt.get("adversaries", []))
@@ -508,7 +482,7 @@ def adversary_agents(args: Args, adv_ckpt: Optional[dict], found: dict) -> List[
         fail(f"at least one agent must remain a defender: {len(adv_idx)} adversaries for {N} agents")
     if any(not 1 <= k < N for k in args.disable):
         fail(f"--disable k must be in [1, {N - 1}] for {N} agents, got {list(args.disable)}")
-    return sorted(adv_idx)
+    return shift, sorted(adv_idx)
 
 
 if __name__ == "__main__":
@@ -525,34 +499,22 @@ if __name__ == "__main__":
 
     # The frozen defender (and with --adversary-checkpoint the saved adversary), and the env it was trained in
     adv_ckpt, ckpt, module, defender = load_checkpoints(args, device)
-    script = ckpt["script"]
+    script, env_id, env_kwargs = ckpt["script"], args.env_id or ckpt["env_id"], {**ckpt["env_kwargs"], **extra_env_kwargs}
     last_action = executed_last_action_fn(script, module)
-    env_id = args.env_id or ckpt["env_id"]
-    env_kwargs = {**ckpt["env_kwargs"], **extra_env_kwargs}
     run_name = f"{env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     try:
         env = envs.make(env_id, num_envs=args.num_envs, seed=args.seed, device=device, **env_kwargs)
     except (ValueError, TypeError, ImportError) as e:  # unknown ids and options, bad values
         origin = "the checkpoint's env_kwargs" + (" and --env-kwargs" if extra_env_kwargs else "")
         fail(f"cannot build env {env_id!r} from {origin} {env_kwargs}: {first_line(e)}")
-    found = signature(env)
-    for key, value in found.items():
-        if ckpt[key] != value:
-            fail(f"env {env_id!r} does not match the checkpoint (trained on {ckpt['env_id']!r}): "
-                 f"{key} is {value} here but {ckpt[key]} in the checkpoint")
 
     def make_eval_env(options=None):  # a fresh copy per condition: every condition starts from the same states
         return envs.make(env_id, num_envs=args.eval_episodes, seed=args.seed + 100_000, device=device,
                          **{**env_kwargs, **(options or {})})
 
-    for kind in args.scripted:
-        if kind not in ScriptedAdversary.KINDS or (kind == "flee" and not env_id.startswith("rendezvous")):
-            fail(f"--scripted {kind!r}: choose from stop (any env) and flee (rendezvous only)")
-    shift = env_shift_options(args, env_id, found, make_eval_env)  # the env_shift condition's env options, or None
-    check_outputs(args)
-    N, discrete = env.n_agents, env.is_discrete
-    adv_idx = adversary_agents(args, adv_ckpt, found)
-    k_adv = len(adv_idx)
+    found = signature(env)
+    shift, adv_idx = check_setting(args, ckpt, env_id, found, adv_ckpt, make_eval_env)
+    N, discrete, k_adv = env.n_agents, env.is_discrete, len(adv_idx)
 
     # ALGO LOGIC: initialize agent here (with --adversary-checkpoint: its width and weights)
     try:
@@ -564,7 +526,6 @@ if __name__ == "__main__":
             value.load_state_dict(adv_ckpt["models"]["value"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         fail(f"unusable adversary checkpoint {args.adversary_checkpoint}: {type(e).__name__}: {first_line(e)}")
-
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"{run_name}: attacking {script} on {env_id} ({N} agents, "
@@ -581,25 +542,20 @@ if __name__ == "__main__":
             return f"the adversary is {args.adversary_checkpoint}"
         return f"adversary saved to {saved}" if saved else "the adversary was not saved (--no-save-model)"
 
-    # Train the adversary with PPO (skipped with --adversary-checkpoint)
-    batch_size = args.num_envs * args.num_steps
-    num_updates = 0 if adv_ckpt is not None else args.total_timesteps // batch_size
-    if adv_ckpt is None and num_updates == 0 and args.total_timesteps > 0:
-        num_updates = 1
+    # Train the adversary with PPO (skipped with --adversary-checkpoint; at least one update for any steps)
     E, T, idx = args.num_envs, args.num_steps, torch.as_tensor(adv_idx, device=device)
-    params = list(actor.parameters()) + list(value.parameters())
-    optimizer = optim.Adam(params, lr=args.learning_rate, eps=1e-5)
-    in_dim, a_shape = env.obs_dim + k_adv, (k_adv,) if discrete else (k_adv, env.n_actions)
-    b_x = torch.zeros(T, E, k_adv, in_dim, device=device)
+    batch_size = E * T
+    num_updates = 0 if adv_ckpt is not None else max(args.total_timesteps // batch_size, min(args.total_timesteps, 1))
+    optimizer = optim.Adam(list(actor.parameters()) + list(value.parameters()), lr=args.learning_rate, eps=1e-5)
+    b_x = torch.zeros(T, E, k_adv, env.obs_dim + k_adv, device=device)
     b_avail = torch.ones(T, E, k_adv, env.n_actions if discrete else 1, dtype=torch.bool, device=device)
-    b_a = torch.zeros(T, E, *a_shape, device=device)
+    b_a = torch.zeros(T, E, *((k_adv,) if discrete else (k_adv, env.n_actions)), device=device)
     b_logp = torch.zeros(T, E, k_adv, device=device)
     b_state = torch.zeros(T, E, env.state_dim, device=device)
     b_v, b_r, b_done = (torch.zeros(T, E, device=device) for _ in range(3))
-    global_step, recent_returns, last_eval, last_print, start_time = 0, [], 0, 0.0, time.time()
+    global_step, recent_returns, last_eval, last_print, start_time, saved = 0, [], 0, 0.0, time.time(), None
     obs, state, avail = env.reset()
     hidden = defender.init_hidden(E)
-    saved = None
     stop_on_signals()  # Ctrl-C, SIGTERM, SIGUSR1: KeyboardInterrupt, once (the next ones are ignored)
     try:
         for update in range(1, num_updates + 1):
@@ -637,9 +593,7 @@ if __name__ == "__main__":
 
             # GAE on the adversary's reward; done marks the end of an episode (truncation bootstrapped above)
             with torch.no_grad():
-                next_v = value(state)
-                adv = torch.zeros(T, E, device=device)
-                last = torch.zeros(E, device=device)
+                next_v, adv, last = value(state), torch.zeros(T, E, device=device), torch.zeros(E, device=device)
                 for t in reversed(range(T)):
                     nv = next_v if t == T - 1 else b_v[t + 1]
                     nonterminal = 1.0 - b_done[t]
@@ -649,8 +603,7 @@ if __name__ == "__main__":
                 ret = adv + b_v
 
             # PPO: one clipped surrogate per adversary agent, all sharing the team advantage
-            f_x, f_avail, f_a = b_x.flatten(0, 1), b_avail.flatten(0, 1), b_a.flatten(0, 1)
-            f_a = f_a.long() if discrete else f_a
+            f_x, f_avail, f_a = b_x.flatten(0, 1), b_avail.flatten(0, 1), (b_a.long() if discrete else b_a).flatten(0, 1)
             f_logp, f_state, f_adv, f_ret, f_v = (z.flatten(0, 1) for z in (b_logp, b_state, adv, ret, b_v))
             mb_size = max(1, batch_size // args.num_minibatches)
             clipfracs = []
@@ -749,9 +702,8 @@ if __name__ == "__main__":
     print(f"\n{'condition':<22}{'return':>10}{'± 95% CI':>11}{'success':>10}{'episodes':>10}")
     for name, c in conditions.items():
         print(f"{name:<22}{c['return_mean']:>10.3f}{c['return_ci95']:>11.3f}{c['success_rate']:>10.3f}{c['episodes']:>10}")
-        writer.add_scalar(f"report/{name}/return_mean", c["return_mean"], global_step)
-        writer.add_scalar(f"report/{name}/return_ci95", c["return_ci95"], global_step)
-        writer.add_scalar(f"report/{name}/success_rate", c["success_rate"], global_step)
+        for key in ("return_mean", "return_ci95", "success_rate"):
+            writer.add_scalar(f"report/{name}/{key}", c[key], global_step)
     report = {"checkpoint": args.checkpoint, "script": script, "env_id": env_id, "env_kwargs": env_kwargs,
               "adversaries": adv_idx, "partial": stopped is not None,
               "obs_noise_scale": spread.scale().tolist() if spread is not None and spread.n else None,
