@@ -1,20 +1,13 @@
 # IBAL on a QMIX backbone: interaction-breaking adversarial learning, discrete actions.
 # Lee et al., "Interaction-Breaking Adversarial Learning Framework for Robust MARL", ICML 2026.
-# Every episode a random group G1 of k ~ U{0..K} agents (K ≤ n/2) is cut off from the rest, G2:
-# - observation attack: the L dims of each G1 agent's observation that carry the most information
-#   about G2's actions, Σ_{j∈G2} I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t), are zeroed for the episode, and
-#   symmetrically each G2 agent's L dims about G1's actions, as the paper does to avoid a training
-#   bias (masking one side only, --mask-direction g1, trains G2 on inputs that are never masked);
-# - action attack: with probability P_act per step, G1's actions are rewritten to the ones that
-#   minimise pointwise MI with G2's intended actions, argmin_a log q(a | â^{G2}, τ) - log q(a | τ);
-# - curriculum: P_act ~ U(P_min, P_max) per episode, and P_max <- min(1, α·P_max) whenever the
-#   recent success rate exceeds η, after a warm-up without attacks.
-# Both MI estimators train online. The QMIX loss is unchanged and trains on the perturbed
-# transitions: attacker and env together form an induced Dec-POMDP (the paper's Thm 4.2).
-# Where the paper leaves a choice open, the code below marks it [C] and says what we chose and why.
-# The QMIX core is copied from mir3_qmix.py (pymarl QMIX with inputs scaled to [-1, 1] and
-# standardised rewards); with --attack-k 0 this script trains exactly what `mir3_qmix.py --mi-coef 0`
-# trains (tests/test_ibal_qmix.py checks bit-identical weights).
+# Every episode a random group G1 of k ~ U{0..K} agents (K ≤ n/2) is cut off from the rest, G2: an observation
+# attack masks what each side's observations tell about the other side's actions, an action attack rewrites G1's
+# actions to minimise their MI with G2's, and a curriculum raises the attack probability while the team succeeds
+# (the equations are in the code, where they act). Both MI estimators train online. The QMIX loss is unchanged and
+# trains on the perturbed transitions: attacker and env together form an induced Dec-POMDP (the paper's Thm 4.2).
+# Where the paper leaves a choice open, the code marks it [C] and says what we chose and why.
+# The QMIX core is copied from mir3_qmix.py (pymarl QMIX with inputs scaled to [-1, 1] and standardised rewards);
+# with --attack-k 0 this script trains exactly what `mir3_qmix.py --mi-coef 0` trains (tests/test_ibal_qmix.py).
 import math
 import os
 import time
@@ -344,20 +337,15 @@ class Policy:
 
 def executed_as_last_action(hidden, actions, n_actions: int):
     """Put the executed actions [E, N] into the last-action slot of a QMIX ``hidden`` [E, N, H + A].
-
-    [C] The agents' last-action input is what was executed, not what they intended: the replay
-    buffer stores executed actions and the update unrolls the GRU on them, so acting must match.
-    """
+    [C] The last-action input is what was executed, not what was intended: the update unrolls the GRU on the
+    executed actions of the replay buffer, so acting must match."""
     return torch.cat((hidden[..., :-n_actions], F.one_hot(actions, n_actions).float()), -1)
 
 
 class ObsModel(nn.Module):
-    """q_φ(o^i_{t+1} | z, a^j, j), z = (s_t, o^i_t, a^i_t, i): a diagonal Gaussian over the standardised
-    next observation of agent i. One network serves every ordered pair (i, j).
-
-    [C] (s_t, o^i_t) stands in for the history τ_t: it keeps the estimator independent of the agent
-    network and stationary while the agent learns.
-    """
+    """q_φ(o^i_{t+1} | z, a^j, j), z = (s_t, o^i_t, a^i_t, i): a diagonal Gaussian over agent i's standardised next
+    observation; one network serves every ordered pair (i, j). [C] (s_t, o^i_t) stands in for the history τ_t:
+    the estimator stays independent of the agent network, and stationary while the agent learns."""
 
     def __init__(self, state_dim: int, obs_dim: int, n_agents: int, n_actions: int, hidden_dim: int):
         super().__init__()
@@ -366,19 +354,15 @@ class ObsModel(nn.Module):
                                  nn.ReLU(), nn.Linear(hidden_dim, 2 * obs_dim))
 
     def log_prob(self, x, target):
-        """Per-dim Gaussian log-density [..., D] of ``target`` given inputs ``x``; the -log σ term is
-        kept because σ depends on the conditioning action."""
+        """Per-dim log-density [..., D] of ``target``; the -log σ term stays: σ depends on the conditioning action."""
         mu, logvar = self.net(x).chunk(2, -1)
         logvar = logvar.clamp(-6.0, 2.0)
         return -0.5 * ((target - mu) ** 2 * torch.exp(-logvar) + logvar + math.log(2 * math.pi))
 
 
 class ActionModel(nn.Module):
-    """q_ψ(a^i | s_t, o^i_t, i, m ⊙ a^{-i}_t, m): agent i's action given the teammates it is shown.
-
-    One network is both the marginal q(a^i | τ) (m = 0) and the conditional q(a^i | â^{G2}, τ)
-    (m = G2): it is trained with random visibility masks m.
-    """
+    """q_ψ(a^i | s_t, o^i_t, i, m ⊙ a^{-i}_t, m), agent i's action given the teammates it is shown: trained with
+    random visibility masks m, one network is both the marginal q(a^i | τ) (m = 0) and q(a^i | â^{G2}, τ) (m = G2)."""
 
     def __init__(self, state_dim: int, obs_dim: int, n_agents: int, n_actions: int, hidden_dim: int):
         super().__init__()
@@ -392,18 +376,13 @@ class ActionModel(nn.Module):
 
 
 class AttackSchedule:
-    """IBAL's curriculum: no attacks during the first ``warmup_steps``, then P_act ~ U(P_min, P_max) per
-    episode. ``record`` the successes of attacked episodes; once ``window`` of them are in,
-    P_max <- min(1, α·P_max) if their success rate exceeds η.
-
-    [C] The window restarts after each raise (a cooldown): one good stretch of episodes raises
-    P_max once, and the next raise is earned against the harder attack.
-    """
+    """IBAL's curriculum: no attacks during the first ``warmup_steps``, then P_act ~ U(P_min, P_max) per episode;
+    once ``window`` attacked episodes are recorded, P_max <- min(1, α·P_max) if their success rate exceeds η.
+    [C] The window restarts after each raise (a cooldown): the next raise is earned against the harder attack."""
 
     def __init__(self, p_max: float, alpha: float, eta: float, window: int, p_min: float = 0.0, warmup_steps: int = 0):
         self.p_max, self.alpha, self.eta, self.window = p_max, alpha, eta, window
-        self.p_min, self.warmup_steps = p_min, warmup_steps
-        self.recent = []
+        self.p_min, self.warmup_steps, self.recent = p_min, warmup_steps, []
 
     def p_range(self) -> tuple:
         """[C] The paper's P_act ~ U(1/K, P_max), with the lower end kept ≤ P_max so that it never inverts."""
@@ -417,30 +396,22 @@ class AttackSchedule:
             return True
         return False
 
-    def success_rate(self) -> float:
-        """Success rate of the episodes in the current window (nan when empty)."""
+    def success_rate(self) -> float:  # of the episodes in the current window (nan when empty)
         return float(np.mean(self.recent)) if self.recent else float("nan")
 
     def state_dict(self) -> dict:
         return {"p_max": self.p_max, "recent": self.recent, "warmup_steps": self.warmup_steps}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore ``state_dict`` (--resume): the warm-up ends where the checkpoint's run ended it."""
+    def load_state_dict(self, state: dict) -> None:  # --resume: the warm-up ends where the checkpoint's run ended it
         self.p_max, self.recent = float(state["p_max"]), [bool(s) for s in state["recent"]]
         self.warmup_steps = state.get("warmup_steps", self.warmup_steps)  # absent from older checkpoints
 
 
 class InteractionBreaker:
-    """The interaction-breaking attacker: both estimators, the MI score table and the two attacks.
-
-    ``observe`` keeps the last ``window`` env steps (unmasked observations, intended and executed
-    actions); ``train_step`` fits q_φ and q_ψ on one batch and refreshes the score table
-    M[i, j, d] ≈ I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t); ``plan`` draws the per-episode attack
-    (G1, P_act, observation mask) for a batch of envs; ``mask_obs`` and ``attack_actions`` apply it.
-    All randomness comes from its own generator, so the attacker never shifts the learner's stream.
-    ``scale_obs``: the defender's map of observations onto [-1, 1]; ``state_box``: (center,
-    half-width) that does the same for the state.
-    """
+    """The attacker: both estimators, trained on the last ``window`` env steps (``observe``, ``train_step``), the MI
+    score table M, and the two attacks (``plan`` them per episode, ``mask_obs``, ``attack_actions``). All its
+    randomness comes from its own generator, so it never shifts the learner's stream. ``scale_obs`` and
+    ``state_box`` (center, half-width): the defender's maps of observations and state onto [-1, 1]."""
 
     @staticmethod
     def nbytes(n_agents, obs_dim, state_dim, n_actions, window) -> int:
@@ -449,9 +420,9 @@ class InteractionBreaker:
         return 4 * N * N * D + W * (4 * S + 8 * N * D + 16 * N + N * A)
 
     def __init__(self, n_agents, obs_dim, state_dim, n_actions, args: Args, scale_obs, state_box, device, seed: int):
-        N, D, S, A = n_agents, obs_dim, state_dim, n_actions
-        self.N, self.D, self.A, self.device, self.args = N, D, A, device, args
-        self.scale_obs, self.state_box = scale_obs, state_box
+        N, D, S, A, W = n_agents, obs_dim, state_dim, n_actions, args.estimator_window
+        self.N, self.D, self.A, self.window, self.device, self.args = N, D, A, W, device, args
+        self.scale_obs, (self.state_center, self.state_half) = scale_obs, state_box
         self.mask_dims = math.ceil(0.1 * D) if args.mask_dims is None else args.mask_dims
         self.use_obs, self.use_act = args.attack_types in ("obs", "both"), args.attack_types in ("act", "both")
         self.gen = torch.Generator(device=device).manual_seed(seed)
@@ -462,35 +433,23 @@ class InteractionBreaker:
         self.obs_opt = optim.Adam(self.obs_model.parameters(), lr=args.estimator_lr)
         self.act_opt = optim.Adam(self.act_model.parameters(), lr=args.estimator_lr)
         self.scores = torch.zeros(N, N, D, device=device)  # M[i, j, d], EMA of pointwise scores
-        W = self.window = args.estimator_window
+        # the window: scaled state and obs, the raw next obs, intended and executed actions, available actions
         self.ptr, self.count = 0, 0
-        self.w_state = torch.zeros(W, S, device=device)
-        self.w_obs = torch.zeros(W, N, D, device=device)
-        self.w_next = torch.zeros(W, N, D, device=device)
-        self.w_intended = torch.zeros(W, N, dtype=torch.int64, device=device)
-        self.w_executed = torch.zeros(W, N, dtype=torch.int64, device=device)
+        self.w_state, self.w_obs, self.w_next = (torch.zeros(W, *shape, device=device) for shape in ((S,), (N, D), (N, D)))
+        self.w_intended, self.w_executed = (torch.zeros(W, N, dtype=torch.int64, device=device) for _ in range(2))
         self.w_avail = torch.ones(W, N, A, dtype=torch.bool, device=device)
         # running statistics of o_{t+1}: the Gaussian fits a standardised target
         self.next_mean, self.next_var, self.next_count = torch.zeros(D, device=device), torch.ones(D, device=device), 1e-4
         self.ids, self.eye_a = torch.eye(N, device=device), torch.eye(A, device=device)
 
-    def _rand(self, *shape, gen=None):
-        return torch.rand(shape, generator=gen or self.gen, device=self.device)
-
-    def _randint(self, high: int, *shape, gen=None):
-        return torch.randint(high, shape, generator=gen or self.gen, device=self.device)
-
-    def _scale(self, obs, state):
-        return self.scale_obs(obs), (state - self.state_box[0]) / self.state_box[1]
-
     @torch.no_grad()
     def observe(self, state, obs, next_obs, intended, executed, avail):
-        """Store one env step of every env: raw (unmasked) obs and the last obs of that step."""
+        """Store one env step of every env: unmasked obs, the last obs of that step, both actions."""
         E = state.shape[0]
         rows = (self.ptr + torch.arange(E, device=self.device)) % self.window
-        obs_s, state_s = self._scale(obs, state)
-        self.w_state[rows], self.w_obs[rows], self.w_next[rows] = state_s, obs_s, next_obs
-        self.w_intended[rows], self.w_executed[rows], self.w_avail[rows] = intended, executed, avail
+        self.w_state[rows], self.w_obs[rows] = (state - self.state_center) / self.state_half, self.scale_obs(obs)
+        self.w_next[rows], self.w_intended[rows], self.w_executed[rows] = next_obs, intended, executed
+        self.w_avail[rows] = avail
         self.ptr, self.count = (self.ptr + E) % self.window, self.count + E
         self.next_mean, self.next_var, self.next_count = running_stats(
             self.next_mean, self.next_var, self.next_count, next_obs.reshape(-1, self.D))
@@ -504,20 +463,18 @@ class InteractionBreaker:
         return torch.cat((state, obs, self.ids[agent], visible.flatten(1), shown.float()), -1)
 
     def train_step(self) -> dict:
-        """One step of each estimator on a fresh batch, then the EMA refresh of M from that batch."""
-        B, N, A = self.args.estimator_batch_size, self.N, self.A
-        idx = self._randint(min(self.count, self.window), B)
-        i = self._randint(N, B)
-        j = (i + 1 + self._randint(N - 1, B)) % N  # uniform over j ≠ i
-        state, obs_i = self.w_state[idx], self.w_obs[idx, i]
-        executed = self.w_executed[idx]
+        """One step of each estimator on a batch of (env step, pair i ≠ j) rows, then the EMA refresh of the score
+        table from that batch: M[i, j, d] ≈ I(o^i_{d,t+1}; a^j_t | a^i_t, τ_t)."""
+        B, N, A, kw = self.args.estimator_batch_size, self.N, self.A, {"generator": self.gen, "device": self.device}
+        idx = torch.randint(min(self.count, self.window), (B,), **kw)
+        i = torch.randint(N, (B,), **kw)
+        j = (i + 1 + torch.randint(N - 1, (B,), **kw)) % N  # uniform over j ≠ i
+        state, obs_i, executed = self.w_state[idx], self.w_obs[idx, i], self.w_executed[idx]
         a_i, a_j = executed.gather(1, i[:, None]).squeeze(1), executed.gather(1, j[:, None]).squeeze(1)
         target = (self.w_next[idx, i] - self.next_mean) / self.next_var.sqrt().clamp(min=1e-3)
         z = torch.cat((state, obs_i, self.eye_a[a_i], self.ids[i]), -1)
-        # observation model: maximum likelihood on executed actions (the dynamics are real even
-        # in attacked episodes, so every stored step is valid data)
-        x = torch.cat((z, self.eye_a[a_j], self.ids[j]), -1)
-        obs_loss = -self.obs_model.log_prob(x, target).sum(-1).mean()
+        # q_φ: maximum likelihood on the executed actions (the dynamics are real even in attacked episodes)
+        obs_loss = -self.obs_model.log_prob(torch.cat((z, self.eye_a[a_j], self.ids[j]), -1), target).sum(-1).mean()
         self.obs_opt.zero_grad()
         obs_loss.backward()
         self.obs_opt.step()
@@ -534,17 +491,14 @@ class InteractionBreaker:
             pair = i * N + j
             sums = torch.zeros(N * N, self.D, device=self.device).index_add_(0, pair, c)
             counts = torch.bincount(pair, minlength=N * N).float()
-            seen = counts > 0
-            flat = self.scores.view(N * N, self.D)
-            beta = self.args.score_ema
+            seen, flat, beta = counts > 0, self.scores.view(N * N, self.D), self.args.score_ema
             flat[seen] = beta * flat[seen] + (1 - beta) * sums[seen] / counts[seen, None]
-        # action model: cross-entropy on the intended actions (the team's coordination, not the
-        # attack's), each teammate shown with probability 1/2 and none shown a quarter of the time
-        shown = (self._rand(B, N) < 0.5) & (self._rand(B, 1) >= 0.25)
+        # q_ψ: cross-entropy on the intended actions (the team's coordination, not the attack's), each
+        # teammate shown with probability 1/2 and none shown a quarter of the time
+        shown = (torch.rand((B, N), **kw) < 0.5) & (torch.rand((B, 1), **kw) >= 0.25)
         shown[torch.arange(B, device=self.device), i] = False
         intended = self.w_intended[idx]
-        xin = self._act_inputs(state, obs_i, i, intended, shown)
-        logp = self.act_model.log_prob(xin, self.w_avail[idx, i])
+        logp = self.act_model.log_prob(self._act_inputs(state, obs_i, i, intended, shown), self.w_avail[idx, i])
         act_loss = -logp.gather(1, intended.gather(1, i[:, None])).mean()
         self.act_opt.zero_grad()
         act_loss.backward()
@@ -554,79 +508,77 @@ class InteractionBreaker:
 
     @torch.no_grad()
     def plan(self, num_envs: int, k_range, p_range, old: Optional[dict] = None, done=None, gen=None) -> dict:
-        """Draw each env's attack for a new episode: k ~ U{k_range}, G1 a random k-subset, P_act ~
-        U(p_range) and, for every G1 agent i, the top-L dims of Σ_{j∈G2} max(M[i, j, ·], 0) to mask;
-        with --mask-direction both (and k > 0), also every G2 agent's top-L dims of Σ_{j∈G1} max(M[i, j, ·], 0).
-        With ``old`` and ``done`` [E], only the envs that finished get a new draw. ``gen``: a
+        """Each env's attack for a new episode: k ~ U{k_range}, G1 a random k-subset, P_act ~ U(p_range) and the
+        dims to mask. With ``old`` and ``done`` [E], only the envs that finished get a new draw. ``gen``: a
         generator to draw from instead of the training stream (evaluation)."""
-        E, N = num_envs, self.N
-        k = k_range[0] + self._randint(k_range[1] - k_range[0] + 1, E, gen=gen)
-        rank = self._rand(E, N, gen=gen).argsort(1).argsort(1)
-        g1 = rank < k[:, None]
-        p_act = p_range[0] + (p_range[1] - p_range[0]) * self._rand(E, gen=gen)
+        E, N, kw = num_envs, self.N, {"generator": gen or self.gen, "device": self.device}
+        k = k_range[0] + torch.randint(k_range[1] - k_range[0] + 1, (E,), **kw)
+        g1 = torch.rand((E, N), **kw).argsort(1).argsort(1) < k[:, None]
+        p_act = p_range[0] + (p_range[1] - p_range[0]) * torch.rand((E,), **kw)
         obs_mask = torch.zeros(E, N, self.D, dtype=torch.bool, device=self.device)
         if self.use_obs and self.mask_dims > 0:
+            # each G1 agent i loses the L dims with the largest Σ_{j∈G2} max(M[i, j, d], 0), what o^i tells about
+            # G2's actions; with --mask-direction both each G2 agent also loses its top-L dims about G1's, as the
+            # paper does to avoid a training bias (masking one side only trains G2 on inputs never masked).
             # [C] the mask is fixed for the episode: the score is an expectation, not a per-step quantity
-            # other[e, i, j]: j is in the other group than i, the teammates whose influence is cut
-            other = g1[:, :, None] != g1[:, None, :]
+            other = g1[:, :, None] != g1[:, None, :]  # [e, i, j]: j is in the other group than i
             per_dim = torch.einsum("ijd,eij->eid", self.scores.clamp(min=0), other.float())
-            top = per_dim.topk(self.mask_dims, -1).indices
-            obs_mask.scatter_(-1, top, True)
-            masked = g1 | g1.any(1, keepdim=True) if self.args.mask_direction == "both" else g1
-            obs_mask &= masked[..., None]
-        new = {"g1": g1, "p_act": p_act, "obs_mask": obs_mask}
+            obs_mask.scatter_(-1, per_dim.topk(self.mask_dims, -1).indices, True)
+            obs_mask &= (g1 | g1.any(1, keepdim=True) if self.args.mask_direction == "both" else g1)[..., None]
         if old is None:
-            return new
+            return {"g1": g1, "p_act": p_act, "obs_mask": obs_mask}
         d = done.view(-1, 1)
         return {"g1": torch.where(d, g1, old["g1"]), "p_act": torch.where(done, p_act, old["p_act"]),
                 "obs_mask": torch.where(d[..., None], obs_mask, old["obs_mask"])}
 
     def mask_obs(self, obs, plan: dict):
-        """What the agents see: the planned dims (of G1's and, with --mask-direction both, G2's
-        observations) set to --mask-value."""
+        """What the agents see: the planned dims set to --mask-value."""
         return obs.masked_fill(plan["obs_mask"], self.args.mask_value)
 
     @torch.no_grad()
     def attack_actions(self, obs, state, intended, avail, plan: dict, gen=None):
-        """With probability P_act (one draw per env step, shared by G1) replace G1's intended actions
-        by argmin_a [log q(a | â^{G2}, τ) - log q(a | τ)], per agent.
-
+        """With probability P_act (one draw per env step, shared by G1) each G1 agent plays the action of least
+        pointwise MI with G2's intended actions, argmin_a log q(a | â^{G2}, τ) - log q(a | τ), instead of its own.
         [C] G1 is assumed to factorise given (â^{G2}, τ), so the joint argmin splits per agent.
-        Returns (executed actions [E, N], mean KL(q(·|â^{G2}, τ) ‖ q(·|τ)) over G1 agents or nan).
-        """
+        Returns (executed actions [E, N], mean KL(q(·|â^{G2}, τ) ‖ q(·|τ)) over G1 agents or nan)."""
         g1 = plan["g1"]
         if not self.use_act or not bool(g1.any()):
             return intended, float("nan")
         E, N = g1.shape
-        fire = self._rand(E, gen=gen) < plan["p_act"]
-        obs_s, state_s = self._scale(obs, state)
-        agent = torch.arange(N, device=self.device).repeat(E)
-        state_r, obs_r = state_s.repeat_interleave(N, 0), obs_s.reshape(E * N, -1)
-        shown_actions = intended.repeat_interleave(N, 0)
+        fire = torch.rand((E,), generator=gen or self.gen, device=self.device) < plan["p_act"]
+        agent, av = torch.arange(N, device=self.device).repeat(E), avail.reshape(E * N, -1)
+        state_r = ((state - self.state_center) / self.state_half).repeat_interleave(N, 0)
+        obs_r, shown_actions = self.scale_obs(obs).reshape(E * N, -1), intended.repeat_interleave(N, 0)
         g2 = (~g1).repeat_interleave(N, 0)  # every agent i is shown G2 (G1 agents are never in G2)
-        av = avail.reshape(E * N, -1)
         log_cond = self.act_model.log_prob(self._act_inputs(state_r, obs_r, agent, shown_actions, g2), av)
         log_marg = self.act_model.log_prob(self._act_inputs(state_r, obs_r, agent, shown_actions, torch.zeros_like(g2)), av)
         pmi = log_cond.clamp(min=LOG_PROB_FLOOR) - log_marg.clamp(min=LOG_PROB_FLOOR)
         best = pmi.masked_fill(~av, float("inf")).argmin(-1).view(E, N)
-        executed = torch.where(g1 & fire[:, None], best, intended)
         kl = (log_cond.exp() * (log_cond - log_marg)).sum(-1).view(E, N)
-        return executed, kl[g1].mean().item()
+        return torch.where(g1 & fire[:, None], best, intended), kl[g1].mean().item()
 
     def state_dict(self) -> dict:
         return {"obs_model": self.obs_model.state_dict(), "action_model": self.act_model.state_dict(),
                 "scores": self.scores.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore ``state_dict``'s estimators and score table (--resume)."""
+    def load_state_dict(self, state: dict) -> None:  # --resume
         self.obs_model.load_state_dict(state["obs_model"])
         self.act_model.load_state_dict(state["action_model"])
         self.scores.copy_(state["scores"])
 
 
-def group_cap(attack_k: Optional[int], n_agents: int) -> int:
-    """K, the largest attacked group: --attack-k, or max(1, n // 2) (|G1| ≤ n/2 keeps G2 the majority)."""
-    return max(1, n_agents // 2) if attack_k is None else attack_k
+def attack_cap(args: Args, n_agents: int, obs_dim: int) -> int:
+    """K, the largest attacked group: --attack-k, or max(1, n // 2) (|G1| ≤ n/2 keeps G2 the majority). One line
+    and exit 2 for a K or an L (--mask-dims) that this env cannot take."""
+    K = max(1, n_agents // 2) if args.attack_k is None else args.attack_k
+    if args.attack_k is None and K > n_agents // 2:
+        fail(f"{args.env_id!r} has {n_agents} agent, too few for IBAL (the attacked group G1 has at most n // 2 agents "
+             f"and G2 the rest); pass --attack-k 0 to train plain QMIX")
+    if not 0 <= K <= n_agents // 2:
+        fail(f"--attack-k must lie in [0, {n_agents // 2}] for {n_agents} agents (|G1| ≤ n/2), got {K}")
+    if args.mask_dims is not None and not 0 <= args.mask_dims <= obs_dim:
+        fail(f"--mask-dims must lie in [0, {obs_dim}] (the observation size), got {args.mask_dims}")
+    return K
 
 
 def load_policy(checkpoint: dict, device="cpu") -> Policy:
@@ -648,9 +600,8 @@ def load_policy(checkpoint: dict, device="cpu") -> Policy:
 
 def act_under_attack(policy, breaker: Optional[InteractionBreaker], obs, state, avail, hidden, plan: Optional[dict],
                      epsilon: float = 0.0, gen=None) -> tuple:
-    """One step of the defender under the attack ``plan``: it acts on what it sees (the planned dims masked),
-    then the attacker rewrites G1's actions, and the agents' last-action input becomes the executed action.
-    Without a breaker (K = 0) it is plain acting. Returns (seen obs, intended, executed, hidden, KL or nan)."""
+    """One step of the defender under the attack ``plan`` (plain acting without a breaker): it acts on what it sees,
+    then the attacker rewrites G1's actions. Returns (seen obs, intended, executed, hidden, KL or nan)."""
     if breaker is None:
         actions, hidden = policy.act(obs, avail, hidden, epsilon)
         return obs, actions, actions, hidden, float("nan")
@@ -663,11 +614,8 @@ def act_under_attack(policy, breaker: Optional[InteractionBreaker], obs, state, 
 @torch.no_grad()
 def evaluate(policy, env, breaker: Optional[InteractionBreaker] = None, k: int = 0, p_act: float = 0.0,
              seed: int = 0) -> tuple:
-    """Run one greedy episode in each of ``env.num_envs`` envs; returns (returns, successes) [E].
-
-    With ``breaker``: every episode is attacked with |G1| = k and P_act = ``p_act``, drawn from a
-    generator seeded with ``seed`` (the breaker's own stream, which training uses, is left untouched).
-    """
+    """Run one greedy episode in each of ``env.num_envs`` envs; returns (returns, successes) [E]. With ``breaker``,
+    every episode is attacked with |G1| = k and P_act = ``p_act``, drawn from a generator seeded with ``seed``."""
     gen = torch.Generator(device=env.device).manual_seed(seed)
     obs, state, avail = env.reset()
     hidden = policy.init_hidden(env.num_envs)
@@ -690,9 +638,9 @@ def input_bounds(env, device):
 
     LBF's observations are raw grid coordinates and levels: fed as they are, a fresh mixer starts at Q_tot far
     above the returns (≤ 1), a bias that bootstrapped time limits barely shrink. Envs that declare their
-    observation space (``obs_low``/``obs_high``: LBF, SMAX) get obs and state (there the agents' observations
-    concatenated) mapped onto [-1, 1]. Not ``env.obs_bounds()``: the other envs' bounds (±inf on quads) have
-    never been applied here, and applying them would change every result trained on them.
+    observation space as ``obs_low``/``obs_high`` (LBF, SMAX) get obs and state (the agents' observations
+    concatenated) mapped onto [-1, 1]. Not ``env.obs_bounds()``: the other envs' bounds (±inf on quads) were
+    never applied, and applying them now would change every result trained on them.
     """
     obs_low, obs_high = getattr(env, "obs_low", None), getattr(env, "obs_high", None)
     if obs_low is not None:
@@ -703,26 +651,20 @@ def input_bounds(env, device):
 
 
 def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tuple:
-    """IBAL's attack on a frozen QMIX defender (``attack_worstcase.py --interaction-breaking`` calls this for
-    mir3_qmix and ibal_qmix checkpoints); returns (returns, success) [E].
-
-    Fresh estimators are fitted on ``env`` itself, the env being evaluated (attack_worstcase's --env-id may
-    differ from the checkpoint's): ``--attack-fit-steps`` env steps of the victim's clean play (ε =
-    --epsilon-finish, so that q_φ also sees off-policy actions), then ``--attack-fit-updates`` estimator steps.
-    Then one greedy episode per env, after the fitting ones, with |G1| = K, the top-L dims masked and P_act =
-    ``--attack-p-act``. The knobs come from an ibal_qmix checkpoint's args, else from this script's defaults.
-    """
+    """IBAL's attack on a frozen QMIX defender (``attack_worstcase.py --interaction-breaking``, for mir3_qmix and
+    ibal_qmix checkpoints); returns (returns, success) [E]. Fresh estimators are fitted on ``env``, the env being
+    evaluated: --attack-fit-steps env steps of the victim's play (ε = --epsilon-finish, so that q_φ also sees
+    off-policy actions), then --attack-fit-updates estimator steps; then one greedy episode per env with |G1| = K
+    and P_act = --attack-p-act. The knobs: an ibal_qmix checkpoint's args, else this script's defaults."""
     saved = checkpoint.get("args", {}) if checkpoint.get("script") == "ibal_qmix" else {}
-    names = {f.name for f in fields(Args)}
-    args = Args(**{k: v for k, v in saved.items() if k in names})
+    args = Args(**{k: v for k, v in saved.items() if k in {f.name for f in fields(Args)}})
     args = replace(args, estimator_window=args.attack_fit_steps)  # the estimators see every fitting step
     device = env.device
-    *_, state_box = input_bounds(env, device)
-    K = group_cap(args.attack_k, env.n_agents) or group_cap(None, env.n_agents)  # a K = 0 run is attacked with the default K
+    K = args.attack_k or max(1, env.n_agents // 2)  # a K = 0 run is attacked with the default K
     breaker = InteractionBreaker(env.n_agents, env.obs_dim, env.state_dim, env.n_actions, args, policy.scale_obs,
-                                 state_box, device, seed)
-    # the victim's ε-greedy draws come from the global stream: fork it, so that the same seed gives
-    # the same attack whatever the caller did before, and the caller's stream is left as it was
+                                 input_bounds(env, device)[2], device, seed)
+    # the victim's ε-greedy draws come from the global stream: fork it, so that the same seed gives the same
+    # attack whatever the caller did before, and the caller's stream is left as it was
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         obs, state, avail = env.reset()
@@ -731,8 +673,7 @@ def interaction_breaking_attack(checkpoint: dict, policy, env, seed: int) -> tup
             actions, hidden = policy.act(obs, avail, hidden, args.epsilon_finish)
             next_obs, next_state, next_avail, _, terminated, truncated, info = env.step(actions)
             breaker.observe(state, obs, info["final_obs"], actions, actions, avail)
-            done = terminated | truncated
-            hidden = hidden * (~done).view(-1, 1, 1)
+            hidden = hidden * (~(terminated | truncated)).view(-1, 1, 1)
             obs, state, avail = next_obs, next_state, next_avail
     for _ in range(args.attack_fit_updates):
         breaker.train_step()
@@ -755,20 +696,9 @@ FLAG_RULES = {
 }
 CHOICES = {"attack_types": ("obs", "act", "both"), "mask_direction": ("both", "g1")}
 
-
-def check_args(args: Args) -> None:
-    """Refuse a flag out of its range at start-up, with one line; NaN and ±inf never pass."""
-    check_flags(args, FLAG_RULES)  # --p-min None: the default
-    for name, options in CHOICES.items():
-        if getattr(args, name) not in options:
-            fail(f"--{name.replace('_', '-')} must be one of {', '.join(options)}, got {getattr(args, name)!r}")
-
-
-# --resume: besides the weights, a checkpoint's "continuation" holds what a run needs to go on: optimiser and
-# target-network states, RNG states (the attacker's generator too), counters, the envs' episode counters, the
-# running statistics (rewards, the obs model's targets) and the attack curriculum. Not the replay buffer nor the
-# estimators' window: a resumed run refills them with --learning-starts fresh env steps (and at least
-# --batch-size episodes) before it learns again.
+# --resume: besides the weights, a checkpoint's "continuation" holds what a run needs to go on (CONTINUATION_KEYS; the
+# RNG states include the attacker's generator, the norms the obs model's targets). Not the replay buffer nor the
+# estimators' window: a resumed run refills them with --learning-starts fresh env steps before it learns again.
 MODEL_FLAGS = ("env_id", "n_agents", "episode_limit", "env_kwargs", "hidden_dim", "mixer_embed_dim", "hypernet_dim",
                "obs_model_hidden_dim", "act_model_hidden_dim")
 CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts", "norms", "curriculum")
@@ -777,7 +707,10 @@ CONTINUATION_KEYS = ("optimizers", "targets", "rng", "counters", "episode_counts
 if __name__ == "__main__":
     args, resumed, run_name, run_dir = parse_run(Args, "ibal_qmix", CONTINUATION_KEYS, MODEL_FLAGS,
                                                  renamed={"lr": "learning_rate"})  # saved before --lr was renamed
-    check_args(args)
+    check_flags(args, FLAG_RULES)  # --p-min None: the default
+    for name, options in CHOICES.items():
+        if getattr(args, name) not in options:
+            fail(f"--{name.replace('_', '-')} must be one of {', '.join(options)}, got {getattr(args, name)!r}")
     env_kwargs = env_kwargs_of(args, example='{"max_episode_steps": 25}') if resumed is None else resumed["env_kwargs"]
 
     # TRY NOT TO MODIFY: seeding
@@ -791,14 +724,7 @@ if __name__ == "__main__":
         f"variant (e.g. rendezvous-discrete, quads-same-goal-discrete)"))
     N, T, A = env.n_agents, env.episode_limit, env.n_actions
     space = action_space_dict(env.action_space)
-    K = group_cap(args.attack_k, N)
-    if args.attack_k is None and K > N // 2:
-        fail(f"{args.env_id!r} has {N} agent, too few for IBAL (the attacked group G1 has at most n // 2 agents "
-             f"and G2 the rest); pass --attack-k 0 to train plain QMIX")
-    if not 0 <= K <= N // 2:
-        fail(f"--attack-k must lie in [0, {N // 2}] for {N} agents (|G1| ≤ n/2), got {K}")
-    if args.mask_dims is not None and not 0 <= args.mask_dims <= env.obs_dim:
-        fail(f"--mask-dims must lie in [0, {env.obs_dim}] (the observation size), got {args.mask_dims}")
+    K = attack_cap(args, N, env.obs_dim)
     check_same_env(args, resumed, env)
     capacity = max(args.buffer_size // T, 2 * args.num_envs)  # whole episodes
     check_fits(EpisodeBuffer.nbytes(capacity, T, N, env.obs_dim, env.state_dim, A)
@@ -830,16 +756,14 @@ if __name__ == "__main__":
 
     optimizers = {"qmix": optimizer, **({"obs_model": breaker.obs_opt, "action_model": breaker.act_opt} if breaker else {})}
     targets = {"agent": target_agent, "mixer": target_mixer}
-    models = {"agent": agent, "mixer": mixer, **({"attacker": breaker} if breaker is not None else {})}
-    watched = {"agent weights": agent, "mixer weights": mixer}
-    if breaker is not None:  # its score table is saved with the weights
-        watched.update({"obs_model weights": breaker.obs_model, "action_model weights": breaker.act_model,
-                        "attacker scores": breaker.scores})
+    models = {"agent": agent, "mixer": mixer, **({"attacker": breaker} if breaker else {})}
+    watched = {"agent weights": agent, "mixer weights": mixer, **({  # checked for NaN/inf; the score table is saved too
+        "obs_model weights": breaker.obs_model, "action_model weights": breaker.act_model,
+        "attacker scores": breaker.scores} if breaker else {})}
 
     def save() -> str:
         stop_if_not_finite(global_step, metrics, watched)  # a diverged run never overwrites a good checkpoint
-        rng = rng_state(device)
-        norms = {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count}
+        rng, norms = rng_state(device), {"reward_mean": reward_mean, "reward_var": reward_var, "reward_count": reward_count}
         if breaker is not None:
             rng["attacker"] = breaker.gen.get_state()
             norms.update(next_obs_mean=breaker.next_mean, next_obs_var=breaker.next_var, next_obs_count=breaker.next_count)
