@@ -15,7 +15,10 @@ method at the seeds it has reached.
 ``run`` skips what is done: a unit whose ``results/<name>/<method>__<seed>.json`` exists is skipped,
 and inside a unit a finished training log or attack report under ``runs/robustness/<name>/`` is
 reused, so an interrupted sweep continues where it stopped (on the same machine; checkpoints live
-under ``runs/``, which is not committed). Each of the W workers runs its commands with
+under ``runs/``, which is not committed). A training that was stopped or killed before it finished is
+continued with ``--resume`` from the last checkpoint it saved (give the method ``--save-interval`` so that
+a kill costs at most that many steps); its log keeps both parts and the evaluations of the steps it redid
+are those of the continuation. Each of the W workers runs its commands with
 ``OMP_NUM_THREADS`` = cores / W. ``slurm`` prints a job-array script whose task i runs
 ``run --index i``: the same sweep on a cluster.
 
@@ -52,6 +55,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("mir3_maddpg", "mir3_qmix", "mir3_mappo", "ibal_qmix")
 EVAL_LINE = re.compile(r"global_step=(\d+) eval_return=(-?[\d.]+|nan) eval_success=([\d.]+)")
 SAVED_LINE = re.compile(r"^checkpoint saved to (\S+)$", re.M)
+RUN_LINE = re.compile(r"^(\S+): \S+ with \d+ agents", re.M)  # a training script's first line names its run
+PART_TIME = "(runner) the part above ran"  # written into a log before its continuation
+RESUMED_LINE = re.compile(r"^resuming \S+ at global_step=(\d+)", re.M)
 BOOTSTRAP_REPS = 20_000
 
 
@@ -144,12 +150,13 @@ def attack_command(spec: dict, checkpoint: str, seed: int, adversaries: list, fi
 
 
 def key(cmd: list) -> str:
-    """What a command computes: the command without the names and paths of its outputs and input checkpoint."""
+    """What a command computes: the command without the names and paths of its outputs and input checkpoint, and
+    without how often it saves (saving draws no random numbers)."""
     out, skip = [], False
     for c in cmd[1:]:
         if skip:
             skip = False
-        elif c in ("--exp-name", "--checkpoint", "--report"):
+        elif c in ("--exp-name", "--checkpoint", "--report", "--save-interval", "--resume"):
             skip = True
         else:
             out.append(os.path.basename(c) if c.endswith(".py") else c)
@@ -193,10 +200,28 @@ def quote(cmd: list) -> str:
 # Running: one unit = train, then attack; everything finished is reused
 # ---------------------------------------------------------------------------------------------
 def parse_training_log(text: str) -> dict:
-    """Evaluations and the saved checkpoint from a training script's stdout (None if it did not finish)."""
-    evals = [(int(s), float(r), float(sr)) for s, r, sr in EVAL_LINE.findall(text)]
-    saved = SAVED_LINE.findall(text)
-    return {"evals": evals, "checkpoint": saved[-1] if saved else None}
+    """Evaluations, the final checkpoint (None if it did not finish) and the steps it was continued at from a
+    training log. A log that was continued with --resume holds both parts: the continuation redid the steps after
+    its checkpoint, so the first part's evaluations of those steps are dropped."""
+    parts = re.split(r"^\$ ", text, flags=re.M)[1:] or [text]  # one part per command the runner ran
+    evals, resumed_at = [], []
+    for part in parts:
+        resumed = RESUMED_LINE.search(part)
+        if resumed:
+            resumed_at.append(int(resumed.group(1)))
+            evals = [e for e in evals if e[0] <= resumed_at[-1]]
+        evals += [(int(s), float(r), float(sr)) for s, r, sr in EVAL_LINE.findall(part)]
+    saved = SAVED_LINE.findall(parts[-1])
+    finished = bool(saved) and not re.search(r"^interrupted by \S+: saving", parts[-1], re.M)
+    return {"evals": evals, "checkpoint": saved[-1] if finished else None, "resumed_at": resumed_at}
+
+
+def last_checkpoint(text: str, exp_name: str):
+    """The checkpoint an unfinished training log's run saved last (periodically or on a stop signal), or None.
+    Every part of a run writes to the directory its first line names."""
+    run = RUN_LINE.search(text)
+    path = os.path.join("runs", run.group(1), f"{exp_name}.pt") if run else None
+    return path if path and os.path.isfile(path) else None
 
 
 def write_json(path: str, data) -> None:
@@ -210,29 +235,55 @@ STOP = threading.Event()  # set once interrupted: start no new command
 
 
 def ran(log: str, cmd: list) -> bool:
-    """Whether ``log`` is the output of exactly ``cmd`` (its first line), not of an older version of the experiment."""
+    """Whether ``log`` is the output of ``cmd`` (its first line), not of an older version of the experiment; how
+    often the command saved does not matter."""
+
+    def words(line: str) -> list:
+        w = shlex.split(line)
+        return [x for i, x in enumerate(w) if "--save-interval" not in (x, w[i - 1] if i else "")]
+
     try:
         with open(log) as f:
-            return f.readline().rstrip("\n") == f"$ {quote(cmd)}"
+            first = f.readline().rstrip("\n")
     except OSError:
         return False
+    return first.startswith("$ ") and words(first[2:]) == words(quote(cmd))
 
 
-def run_logged(cmd: list, log: str, threads: int) -> tuple:
-    """Run cmd in the repo root with its output in ``log``; returns (exit code, seconds)."""
+def run_logged(cmd: list, log: str, threads: int, before: str = "") -> tuple:
+    """Run cmd in the repo root with its output in ``log`` (after ``before``, the text of a part run earlier);
+    returns (exit code, seconds). Until cmd ends the log is ``log``.tmp, whose mtime says when it last wrote."""
     if STOP.is_set():
         return 130, 0.0
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     start = time.time()
     with open(log + ".tmp", "w") as f:
-        f.write(f"$ {quote(cmd)}\n")
+        f.write(f"{before}$ {quote(cmd)}\n")
         f.flush()
+        with open(log + ".start", "w") as t:  # how long a part ran, should the runner die with it
+            t.write(f"{start:.1f}")
         proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
         CHILDREN.add(proc)
         code = proc.wait()
         CHILDREN.discard(proc)
     os.replace(log + ".tmp", log)
     return code, time.time() - start
+
+
+def unfinished_training(log: str, cmd: list) -> tuple:
+    """(text, seconds it ran) of a training of exactly ``cmd`` that was stopped (``log``) or killed with the runner
+    (``log``.tmp) before it finished, or ("", 0.0)."""
+    for path in (log + ".tmp", log):
+        if ran(path, cmd):
+            with open(path) as f:
+                text = f.read()
+            if parse_training_log(text)["checkpoint"] is None:
+                try:
+                    seconds = os.path.getmtime(path) - float(open(log + ".start").read())
+                except (OSError, ValueError):
+                    seconds = 0.0
+                return text, max(0.0, seconds)
+    return "", 0.0
 
 
 def result_state(spec: dict, method: str, seed: int) -> str:
@@ -279,14 +330,22 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
             train = json.load(f)
         say(f"[{method} seed {seed}] training reused: {done['checkpoint']}")
     else:
-        say(f"[{method} seed {seed}] train: {quote(train_cmd)}")
-        code, seconds = run_logged(train_cmd, log, threads)
+        before, earlier_s = unfinished_training(log, train_cmd)
+        resume_from = last_checkpoint(before, f"{spec['name']}-{method}") if before else None
+        if resume_from:
+            say(f"[{method} seed {seed}] training continued from {resume_from}")
+            before += f"{'' if before.endswith(chr(10)) else chr(10)}{PART_TIME} {earlier_s:.1f} s\n"
+            code, seconds = run_logged([*train_cmd, "--resume", resume_from], log, threads, before)
+            seconds += sum(map(float, re.findall(rf"^{re.escape(PART_TIME)} ([\d.]+) s$", before, re.M)))
+        else:
+            say(f"[{method} seed {seed}] train: {quote(train_cmd)}")
+            code, seconds = run_logged(train_cmd, log, threads)
         done = parse_training_log(open(log).read())
         if code != 0 or not done["checkpoint"]:
             say(f"[{method} seed {seed}] training {'stopped' if STOP.is_set() else 'failed'} (exit {code}); see {log}")
             return False
         train = {"command": quote(train_cmd), "checkpoint": done["checkpoint"], "wall_s": round(seconds, 1),
-                 "evals": done["evals"]}
+                 "evals": done["evals"], "resumed_at": done["resumed_at"]}
         with open(meta_path, "w") as f:
             json.dump(train, f)
 
@@ -317,7 +376,8 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
               "train": {"command": train["command"], "key": key(train_cmd), "wall_s": train["wall_s"],
                         "final_step": evals[-1][0] if evals else None,
                         "final_eval_return": evals[-1][1] if evals else None,
-                        "final_eval_success": evals[-1][2] if evals else None, "evals": evals},
+                        "final_eval_success": evals[-1][2] if evals else None, "evals": evals,
+                        "resumed_at": train.get("resumed_at", [])},
               "attacks": attacks}
     write_json(out, result)
     say(f"[{method} seed {seed}] result written: {out}")

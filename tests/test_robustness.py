@@ -219,6 +219,60 @@ def test_plan_run_resume(tmp_path):
     assert all(len(c["returns"]) == 4 for a in redone["attacks"] for c in a["report"]["conditions"].values())
 
 
+def test_parse_training_log_of_a_continued_run():
+    """A continuation redoes the steps after its checkpoint: the first part's later evaluations are dropped; a run
+    stopped by a signal saved a checkpoint but did not finish."""
+    first = ("$ python mir3_qmix.py --seed 1\nrun: lbf with 4 agents\nglobal_step=100 eval_return=0.10 eval_success=0.00\n"
+             "global_step=200 eval_return=0.20 eval_success=0.00\nglobal_step=300 eval_return=0.3")  # killed mid-line
+    assert robustness.parse_training_log(first) == {"evals": [(100, 0.1, 0.0), (200, 0.2, 0.0)], "checkpoint": None,
+                                                    "resumed_at": []}
+    both = (first + "\n$ python mir3_qmix.py --seed 1 --resume runs/run/x.pt\nresuming runs/run/x.pt at global_step=150: "
+            "new episodes\nglobal_step=200 eval_return=0.25 eval_success=0.50\ncheckpoint saved to runs/run/x.pt\n")
+    assert robustness.parse_training_log(both) == {"evals": [(100, 0.1, 0.0), (200, 0.25, 0.5)],
+                                                   "checkpoint": "runs/run/x.pt", "resumed_at": [150]}
+    stopped = first + "\ninterrupted by SIGTERM: saving, please wait\ncheckpoint saved to runs/run/x.pt\n"
+    assert robustness.parse_training_log(stopped)["checkpoint"] is None
+
+
+def test_killed_training_is_continued_from_its_last_checkpoint(tmp_path):
+    """The runner died with its training (a session's end, a node failure): the next run continues that training
+    with --resume from the checkpoint it saved last, instead of starting it again."""
+    (tmp_path / "tiny.toml").write_text(TINY)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        spec = robustness.load_spec("tiny.toml")
+        cmd = robustness.train_command(spec, "plain", 1)
+        # the state a kill at step ~600 leaves: a checkpoint at step 400 and a log that goes on past it
+        half = list(cmd)
+        half[half.index("--total-timesteps") + 1] = "400"
+        out = subprocess.run(half, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        work = robustness.unit_dir(spec, "plain", 1)
+        os.makedirs(work)
+        killed = "".join(x for x in out.stdout.splitlines(True) if not x.startswith("checkpoint saved"))
+        with open(os.path.join(work, "train.log.tmp"), "w") as f:
+            f.write(f"$ {robustness.quote(cmd)}\n{killed}global_step=600 eval_return=99.00 eval_success=0.00\nglobal_st")
+        with open(os.path.join(work, "train.log.start"), "w") as f:
+            f.write(f"{os.path.getmtime(os.path.join(work, 'train.log.tmp')) - 30:.1f}")
+    finally:
+        os.chdir(cwd)
+    proc = runner(tmp_path, "run", "tiny.toml", "--methods", "plain", "--seeds", "1", "--train-only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training continued from runs/" in proc.stdout and "train: python" not in proc.stdout
+    log = (tmp_path / work / "train.log").read_text()
+    assert log.count("\n$ ") == 1 and "--resume runs/" in log and "resuming runs/" in log
+    train = json.load(open(tmp_path / work / "train.json"))
+    steps = [e[0] for e in train["evals"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 800 and 99.0 not in [e[1] for e in train["evals"]]
+    assert train["wall_s"] >= 30  # the killed part's time counts
+    # the finished training is reused by the attacks
+    proc = runner(tmp_path, "run", "tiny.toml", "--methods", "plain", "--seeds", "1")
+    assert proc.returncode == 0 and "training reused" in proc.stdout, proc.stdout + proc.stderr
+    result = json.load(open(tmp_path / "results" / "tiny" / "plain__1.json"))
+    assert result["train"]["final_step"] == 800 and result["train"]["resumed_at"] == [400]
+
+
 def test_slurm_script(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
     proc = runner(tmp_path, "slurm", "tiny.toml", "--cpus", "4", "--hours", "1.5")
