@@ -195,19 +195,20 @@ class ScriptedAdversary:
 
     KINDS = ("stop", "flee")
 
-    def __init__(self, kind: str, idx: List[int], env_id: str):
-        self.kind, self.idx, self.env_id = kind, list(idx), env_id
+    def __init__(self, kind: str, idx: List[int]):
+        self.kind, self.idx = kind, list(idx)
 
     def act(self, obs, avail, env):
         if self.kind == "flee":
             return scripted_actions(env, flee=True)[:, self.idx]
-        return nothing_actions(env.null_action(), self.env_id, avail, obs.shape[0])[:, self.idx]
+        return nothing_actions(env, avail, obs.shape[0])[:, self.idx]
 
 
-def nothing_actions(null: torch.Tensor, env_id: str, avail: torch.Tensor, num_envs: int) -> torch.Tensor:
-    """Every agent's 'do nothing' [E, N] or [E, N, d]: the env's ``null_action()`` (``null``), except on SMAC, whose no-op
-    is for dead units only: a live one stops (action 1) when it can."""
-    return avail[..., 1].long() if env_id.startswith("smac:") else null.expand(num_envs, *null.shape)
+def nothing_actions(env, avail: torch.Tensor, num_envs: int) -> torch.Tensor:
+    """Every agent's 'do nothing' [E, N] or [E, N, d]: the env's ``null_action``, given this step's available actions
+    (on SMAC a live unit stops, a dead one takes the no-op)."""
+    null = env.null_action(avail)
+    return null.expand(num_envs, *null.shape[-(1 if env.is_discrete else 2):])
 
 
 def executed_last_action_fn(script: str, module):
@@ -237,7 +238,7 @@ class ObsSpread:
 
 
 @torch.no_grad()
-def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noise=0.0, noise_unit=None,
+def run_episodes(env, defender, adversary=None, adv_idx=(), obs_noise=0.0, noise_unit=None,
                  repeat_p=0.0, disable_k=0, seed=0, record=False, last_action=None, obs_spread=None):
     """One greedy episode per env under one condition -> (returns [E], success [E], env 0's agent positions per step if
     ``record``). Observation noise: σ ``obs_noise`` × ``noise_unit.scale()``; ``obs_spread`` sees every observation."""
@@ -251,7 +252,6 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
     noise_std = obs_noise * noise_unit.scale().to(dev) if obs_noise else None
     if disable_k:  # k distinct random agents per env (those whose random rank is below k), fixed for the episode
         disabled = (torch.rand(E, N, generator=g).argsort(1).argsort(1) < disable_k).to(dev)
-        null = env.null_action()
     prev, traj = None, []
     while bool(running.any()):
         if record and hasattr(env, "pos") and bool(running[0]):
@@ -265,7 +265,7 @@ def run_episodes(env, defender, env_id: str, adversary=None, adv_idx=(), obs_noi
             actions[:, adv_idx] = adversary.act(obs, avail, env).to(actions.dtype)
         if disable_k:
             mask = disabled if env.is_discrete else disabled.unsqueeze(-1)
-            actions = torch.where(mask, nothing_actions(null, env_id, avail, E), actions)
+            actions = torch.where(mask, nothing_actions(env, avail, E), actions)
         if repeat_p and prev is not None:
             repeat = (torch.rand(E, N, generator=g) < repeat_p).to(dev)
             if env.is_discrete:  # never repeat an action that is no longer available
@@ -640,7 +640,7 @@ if __name__ == "__main__":
                 writer.add_scalar(k, v, global_step)
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or update == num_updates):
                 last_eval = global_step
-                returns, success, _ = run_episodes(make_eval_env(), defender, env_id, actor, adv_idx,
+                returns, success, _ = run_episodes(make_eval_env(), defender, actor, adv_idx,
                                                    seed=args.seed, last_action=last_action)
                 writer.add_scalar("eval/episodic_return", returns.mean().item(), global_step)
                 writer.add_scalar("eval/success_rate", success.float().mean().item(), global_step)
@@ -674,7 +674,7 @@ if __name__ == "__main__":
     plan = [("natural", {"obs_spread": spread}, {}),
             ("random", {"adversary": RandomAdversary(adv_idx, env, torch.Generator().manual_seed(args.seed + 1))}, {}),
             ("worstcase", {"adversary": actor, "record": args.plot}, {})]
-    plan += [(f"scripted_{kind}", {"adversary": ScriptedAdversary(kind, adv_idx, env_id)}, {}) for kind in args.scripted]
+    plan += [(f"scripted_{kind}", {"adversary": ScriptedAdversary(kind, adv_idx)}, {}) for kind in args.scripted]
     plan += [(f"obs_noise_{s:g}", {"obs_noise": s, "noise_unit": spread, "seed": args.seed + 2},
               {"obs_noise": s, "obs_noise_rule": OBS_NOISE_RULE}) for s in args.obs_noise]
     plan += [(f"action_repeat_{p:g}", {"repeat_p": p, "seed": args.seed + 3}, {}) for p in args.action_repeat]
@@ -688,7 +688,7 @@ if __name__ == "__main__":
             if name == "interaction_breaking":
                 returns, success = hook(ckpt, defender, eval_env, args.seed)[:2]
             else:
-                returns, success, episode_traj = run_episodes(eval_env, defender, env_id, adv_idx=adv_idx,
+                returns, success, episode_traj = run_episodes(eval_env, defender, adv_idx=adv_idx,
                                                               last_action=last_action, **{"seed": args.seed, **options})
                 traj = episode_traj if name == "worstcase" else traj
             eval_env.close()

@@ -205,10 +205,12 @@ class BatchedEnv:
             avail = torch.where(d.unsqueeze(-1), new_avail, avail)
         return obs, state, avail, reward, terminated, truncated, info
 
-    def null_action(self) -> torch.Tensor:
+    def null_action(self, avail: torch.Tensor | None = None) -> torch.Tensor:
         """The 'do nothing' action of a disabled agent, for each of the ``n_agents`` agents.
 
-        Discrete envs: int64 ``[N]``, action 0 (rendezvous-discrete stop, quads vel13 the zero
+        ``avail`` (bool ``[E, N, A]``, this step's available actions) matters only where doing nothing
+        depends on the state (SMAC: ``[E, N]`` then); the other envs ignore it. Discrete envs: int64
+        ``[N]``, action 0 (rendezvous-discrete stop, quads vel13 the zero
         velocity set-point, LBF NONE). Continuous envs: float32 ``[N, d]``, zeros
         (rendezvous: both wheels stopped); envs where zero is not "nothing" override this
         (quads motors: the nominal hover command).

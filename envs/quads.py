@@ -557,7 +557,7 @@ class QuadSwarm(BatchedEnv):
         self._pair_cache = None
         return self._observe()
 
-    def null_action(self) -> torch.Tensor:
+    def null_action(self, avail: torch.Tensor | None = None) -> torch.Tensor:
         """Motors: the nominal hover command ``HOVER_ACTION`` for every agent, ``[N, 4]`` float32
         (what a disabled drone's firmware outputs; with ``thrust_scale < 1`` it sinks). vel13:
         set-point 0 (zero velocity), int64 ``[N]``."""

@@ -230,11 +230,11 @@ class SMACEnv(BatchedEnv):
         return (torch.as_tensor(reward, device=dev), torch.as_tensor(terminated, device=dev),
                 torch.as_tensor(won, device=dev), extra)
 
-    def null_action(self) -> torch.Tensor:
+    def null_action(self, avail: torch.Tensor | None = None) -> torch.Tensor:
         """Action 0 (no-op) for every agent, int64 ``[N]``. SMAC makes no-op available to dead units
-        only: a disabled *live* unit should stop instead (action 1, available to every live
-        unit), i.e. use ``torch.where(avail[..., 1], 1, 0)`` per step."""
-        return super().null_action()
+        only: given this step's ``avail`` ``[E, N, A]``, a disabled *live* unit stops instead (action 1,
+        available to every live unit), int64 ``[E, N]``."""
+        return super().null_action() if avail is None else avail[..., 1].long()
 
     def _observe(self):
         dev = self.device

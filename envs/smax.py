@@ -363,7 +363,7 @@ class SMAXEnv(BatchedEnv):
         return (out["obs"], out["state"], out["avail"], out["reward"], out["terminated"],
                 out["truncated"], info)
 
-    def null_action(self) -> torch.Tensor:
+    def null_action(self, avail: torch.Tensor | None = None) -> torch.Tensor:
         """Stop (action 4) for every agent, int64 ``[N]``: SMAX has no no-op; stop is available to every
         unit (for a dead unit it is the only available action), so a disabled unit holds its ground and
         does not fire."""

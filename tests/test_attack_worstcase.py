@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 
+import gymnasium as gym
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,8 +145,8 @@ def test_scripted_adversaries_and_the_trained_one(attacked, tmp_path):
 def test_scripted_flee_drives_away_and_stop_does_nothing():
     env = envs.make("rendezvous", num_envs=8, seed=3, n_agents=4)
     env.reset()
-    flee = aw.ScriptedAdversary("flee", [1], "rendezvous")
-    stop = aw.ScriptedAdversary("stop", [0, 2], "rendezvous")
+    flee = aw.ScriptedAdversary("flee", [1])
+    stop = aw.ScriptedAdversary("stop", [0, 2])
     obs = torch.zeros(8, 4, env.obs_dim)
     assert torch.equal(stop.act(obs, None, env), torch.zeros(8, 2, 2))
     start = (env.pos[:, 1] - env.pos.mean(1)).norm(dim=-1)
@@ -157,8 +158,24 @@ def test_scripted_flee_drives_away_and_stop_does_nothing():
     assert bool((far > start + 10).all()), (start, far)
     discrete = envs.make("rendezvous-discrete", num_envs=2, seed=3, n_agents=3)
     discrete.reset()
-    a = aw.ScriptedAdversary("flee", [0], "rendezvous-discrete").act(torch.zeros(2, 3, discrete.obs_dim), None, discrete)
+    a = aw.ScriptedAdversary("flee", [0]).act(torch.zeros(2, 3, discrete.obs_dim), None, discrete)
     assert a.shape == (2, 1) and a.dtype == torch.int64
+
+
+def test_a_disabled_smac_unit_stops_while_alive_and_takes_the_no_op_when_dead():
+    """SMAC's no-op is for dead units only; what a disabled unit does comes from the env, given this step's avail."""
+    from envs.smac import SMACEnv
+
+    class Stub(SMACEnv):  # no StarCraft II needed: null_action reads only avail (and n_agents, device without it)
+        def __init__(self):
+            self.n_agents, self.device, self.action_space = 3, torch.device("cpu"), gym.spaces.Discrete(6)
+
+    avail = torch.zeros(2, 3, 6, dtype=torch.bool)
+    avail[:, :, 1:] = True  # alive: stop (1) and moves, no no-op
+    avail[1, 2] = torch.tensor([True, False, False, False, False, False])  # env 1's unit 2 is dead
+    assert aw.nothing_actions(Stub(), avail, 2).tolist() == [[1, 1, 1], [1, 1, 0]]
+    lbf = envs.make("lbf:Foraging-8x8-2p-2f-coop-v3", num_envs=2, seed=0)
+    assert aw.nothing_actions(lbf, lbf.reset()[2], 2).tolist() == [[0, 0], [0, 0]]  # NONE, whatever avail says
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -297,12 +314,12 @@ class Recorder:
 
 def test_obs_noise_is_sigma_times_each_dims_spread():
     env, spread = FakeEnv(), aw.ObsSpread()
-    aw.run_episodes(env, Recorder(), "fake", obs_spread=spread)
+    aw.run_episodes(env, Recorder(), obs_spread=spread)
     scale = spread.scale()
     assert scale[0] == 0.0  # a constant dim: exactly no spread, so no noise
     assert scale[1:].tolist() == pytest.approx(env.table[:40, 1:].double().std(0, unbiased=False).tolist(), rel=1e-5)
     defender = Recorder()
-    aw.run_episodes(env, defender, "fake", obs_noise=0.5, noise_unit=spread, seed=3)
+    aw.run_episodes(env, defender, obs_noise=0.5, noise_unit=spread, seed=3)
     noise = torch.stack(defender.seen) - env.table[:40, None, None, :]  # [T, E, N, 3]
     assert bool((noise[..., 0] == 0).all())  # the constant dim stays exactly as observed
     std = noise.flatten(0, 2).std(0)
@@ -359,7 +376,7 @@ def test_qmix_last_action_input_is_the_executed_action(qmix_checkpoint, conditio
     assert aw.executed_last_action_fn("mir3_maddpg", None) is None  # no last-action input there
     env = StepSpy(envs.make("rendezvous-discrete", num_envs=8, seed=5, n_agents=3, episode_limit=20))
     defender = HiddenSpy(mir3_qmix.load_policy(qmix_checkpoint))
-    aw.run_episodes(env, defender, "rendezvous-discrete", seed=7, last_action=last_action, **condition)
+    aw.run_episodes(env, defender, seed=7, last_action=last_action, **condition)
     A = env.n_actions
     chosen, executed = torch.stack(defender.chosen[:-1]), torch.stack(env.executed[:-1])
     assert bool((chosen != executed).any())  # the condition did override some choices
