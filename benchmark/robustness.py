@@ -334,7 +334,7 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
         resume_from = last_checkpoint(before, f"{spec['name']}-{method}") if before else None
         if resume_from:
             say(f"[{method} seed {seed}] training continued from {resume_from}")
-            before += f"{'' if before.endswith(chr(10)) else chr(10)}{PART_TIME} {earlier_s:.1f} s\n"
+            before += ("" if before.endswith("\n") else "\n") + f"{PART_TIME} {earlier_s:.1f} s\n"  # killed mid-line
             code, seconds = run_logged([*train_cmd, "--resume", resume_from], log, threads, before)
             seconds += sum(map(float, re.findall(rf"^{re.escape(PART_TIME)} ([\d.]+) s$", before, re.M)))
         else:
