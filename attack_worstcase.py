@@ -30,6 +30,7 @@ from runtime import (
     first_line,
     ignore_stop_signals,
     keep_freed_memory,
+    load_checkpoint,
     save_checkpoint,
     stop_on_signals,
 )
@@ -377,7 +378,7 @@ def read_checkpoint(path: str, what: str) -> dict:
     if os.path.getsize(path) == 0:
         fail(f"{what} {path} is empty (0 bytes)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path)
     except Exception as e:  # pickle, zip or weights-only errors: all mean "not a checkpoint we can read"
         fail(f"{what} {path} is not a readable torch checkpoint ({type(e).__name__}: {first_line(e)[:120]})")
     if not isinstance(ckpt, dict):

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -30,6 +31,14 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type when the message is empty."""
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def load_checkpoint(path: str):
+    """torch.load(weights_only=True) on the CPU, without torch's warnings about a file that is not a checkpoint
+    (random bytes can look like a pickle of an unknown protocol): the caller reports its failure in one line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def keep_freed_memory() -> None:
@@ -126,7 +135,7 @@ def read_resume_checkpoint(path: str, script: str, continuation_keys: tuple, mod
     """The checkpoint of --resume, or one line and exit 2 if it cannot continue a run of ``script``: it must hold
     a "continuation" with ``continuation_keys`` and "args" with ``model_flags``."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(path)
     except Exception as e:  # missing file, pickle, zip or weights-only errors
         fail(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {first_line(e)})")
     found = ckpt.get("script") if isinstance(ckpt, dict) else type(ckpt).__name__

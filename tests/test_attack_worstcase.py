@@ -210,7 +210,7 @@ def small_defender(tmp_path_factory):
 def bad_files(tmp_path, small_defender):
     """Checkpoints that must be refused, written into the test's working directory."""
     good = torch.load(small_defender, weights_only=True)
-    (tmp_path / "corrupt.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x40" + os.urandom(4094))  # a pickle of unknown protocol 64: torch warns
     torch.save({"script": "my_algo", "models": {}}, tmp_path / "unknown.pt")
     torch.save(dict(good, script="os"), tmp_path / "os.pt")
     torch.save([1, 2, 3], tmp_path / "list.pt")
