@@ -152,15 +152,21 @@ def attack_command(spec: dict, checkpoint: str, seed: int, adversaries: list, fi
 def key(cmd: list) -> str:
     """What a command computes: the command without the names and paths of its outputs and input checkpoint, and
     without how often it saves (saving draws no random numbers)."""
+    words = without(cmd[1:], ("--exp-name", "--checkpoint", "--report", "--save-interval", "--resume"))
+    return " ".join(os.path.basename(c) if c.endswith(".py") else c for c in words)
+
+
+def without(words: list, flags: tuple) -> list:
+    """``words`` less each of ``flags`` and the value that follows it."""
     out, skip = [], False
-    for c in cmd[1:]:
+    for w in words:
         if skip:
             skip = False
-        elif c in ("--exp-name", "--checkpoint", "--report", "--save-interval", "--resume"):
+        elif w in flags:
             skip = True
         else:
-            out.append(os.path.basename(c) if c.endswith(".py") else c)
-    return " ".join(out)
+            out.append(w)
+    return out
 
 
 def borrow(spec: dict, method: str, seed: int):
@@ -237,17 +243,13 @@ STOP = threading.Event()  # set once interrupted: start no new command
 def ran(log: str, cmd: list) -> bool:
     """Whether ``log`` is the output of ``cmd`` (its first line), not of an older version of the experiment; how
     often the command saved does not matter."""
-
-    def words(line: str) -> list:
-        w = shlex.split(line)
-        return [x for i, x in enumerate(w) if "--save-interval" not in (x, w[i - 1] if i else "")]
-
     try:
         with open(log) as f:
             first = f.readline().rstrip("\n")
     except OSError:
         return False
-    return first.startswith("$ ") and words(first[2:]) == words(quote(cmd))
+    return first.startswith("$ ") and (without(shlex.split(first[2:]), ("--save-interval",))
+                                       == without(shlex.split(quote(cmd)), ("--save-interval",)))
 
 
 def run_logged(cmd: list, log: str, threads: int, before: str = "") -> tuple:

@@ -234,6 +234,19 @@ def test_parse_training_log_of_a_continued_run():
     assert robustness.parse_training_log(stopped)["checkpoint"] is None
 
 
+def test_how_often_a_run_saves_is_not_part_of_what_it_computes(tmp_path):
+    """Adding --save-interval to an experiment (or resuming) keeps its finished logs and borrowed results valid; any
+    other flag does not."""
+    cmd = [sys.executable, "mir3_qmix.py", "--seed", "1", "--exp-name", "a"]
+    saving = cmd[:2] + ["--save-interval", "50000"] + cmd[2:] + ["--resume", "runs/r/a.pt"]
+    assert robustness.key(saving) == robustness.key(cmd) == "mir3_qmix.py --seed 1"
+    assert robustness.key(cmd[:3] + ["2"]) != robustness.key(cmd)
+    log = tmp_path / "train.log"
+    log.write_text(f"$ {robustness.quote(cmd[:2] + ['--save-interval', '50000'] + cmd[2:])}\nrun: x\n")
+    assert robustness.ran(str(log), cmd)
+    assert not robustness.ran(str(log), cmd[:3] + ["2"] + cmd[4:])
+
+
 def test_killed_training_is_continued_from_its_last_checkpoint(tmp_path):
     """The runner died with its training (a session's end, a node failure): the next run continues that training
     with --resume from the checkpoint it saved last, instead of starting it again."""
