@@ -22,6 +22,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 
 import envs
+from envs.quads import SUCCESS_RADIUS
 from envs.rendezvous import scripted_actions
 from runtime import (
     action_space_dict,
@@ -242,7 +243,10 @@ class ObsSpread:
 def run_episodes(env, defender, adversary=None, adv_idx=(), obs_noise=0.0, noise_unit=None,
                  repeat_p=0.0, disable_k=0, seed=0, record=False, last_action=None, obs_spread=None):
     """One greedy episode per env under one condition -> (returns [E], success [E], env 0's agent positions per step if
-    ``record``). Observation noise: σ ``obs_noise`` × ``noise_unit.scale()``; ``obs_spread`` sees every observation."""
+    ``record``, task measures). Observation noise: σ ``obs_noise`` × ``noise_unit.scale()``; ``obs_spread`` sees every
+    observation. Task measures (quadrotors, whose step info has each drone's distance to its goal; {} elsewhere), over
+    the defenders (the drones the team's policy flies: not adversaries, not disabled): their own return, final distance
+    to the goal, share within the success radius and on the floor at the end; and drone-drone collisions per episode."""
     E, N, dev = env.num_envs, env.n_agents, env.device
     g = torch.Generator().manual_seed(seed)
     obs, _, avail = env.reset()
@@ -251,8 +255,13 @@ def run_episodes(env, defender, adversary=None, adv_idx=(), obs_noise=0.0, noise
     success = torch.zeros(E, dtype=torch.bool, device=dev)
     running = torch.ones(E, dtype=torch.bool, device=dev)
     noise_std = obs_noise * noise_unit.scale().to(dev) if obs_noise else None
+    defending = torch.ones(E, N, dtype=torch.bool, device=dev)
+    defending[:, list(adv_idx)] = False
     if disable_k:  # k distinct random agents per env (those whose random rank is below k), fixed for the episode
         disabled = (torch.rand(E, N, generator=g).argsort(1).argsort(1) < disable_k).to(dev)
+        defending &= ~disabled
+    own_return, final_dist, on_floor = torch.zeros(E, N, device=dev), torch.zeros(E, N, device=dev), None
+    collisions = torch.zeros(E, device=dev)
     prev, traj = None, []
     while bool(running.any()):
         if record and hasattr(env, "pos") and bool(running[0]):
@@ -281,8 +290,18 @@ def run_episodes(env, defender, adversary=None, adv_idx=(), obs_noise=0.0, noise
         returns += reward * running
         done = (terminated | truncated) & running
         success |= info["success"] & done
+        if "dist" in info:  # values of this step, before the auto-reset of finished envs
+            own_return += info["agent_rewards"] * running.unsqueeze(-1)
+            collisions += info["n_collisions"] * running
+            final_dist = torch.where(done.unsqueeze(-1), info["dist"], final_dist)
+            on_floor = torch.where(done.unsqueeze(-1), info["on_floor"], False if on_floor is None else on_floor)
         running &= ~done
-    return returns, success, traj
+    task = {}
+    if on_floor is not None:
+        task = {"defender_return": own_return[defending].mean().item(), "final_dist": final_dist[defending].mean().item(),
+                "within_radius": (final_dist < SUCCESS_RADIUS)[defending].float().mean().item(),
+                "on_floor": on_floor[defending].float().mean().item(), "collisions": collisions.mean().item()}
+    return returns, success, traj, task
 
 
 def student_t_quantile(p: float, df: int) -> float:
@@ -641,7 +660,7 @@ if __name__ == "__main__":
                 writer.add_scalar(k, v, global_step)
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or update == num_updates):
                 last_eval = global_step
-                returns, success, _ = run_episodes(make_eval_env(), defender, actor, adv_idx,
+                returns, success, *_ = run_episodes(make_eval_env(), defender, actor, adv_idx,
                                                    seed=args.seed, last_action=last_action)
                 writer.add_scalar("eval/episodic_return", returns.mean().item(), global_step)
                 writer.add_scalar("eval/success_rate", success.float().mean().item(), global_step)
@@ -686,14 +705,16 @@ if __name__ == "__main__":
     try:
         for i, (name, options, about) in enumerate(plan, 1):
             eval_env = make_eval_env(about.get("env_shift"))
+            task = {}
             if name == "interaction_breaking":
                 returns, success = hook(ckpt, defender, eval_env, args.seed)[:2]
             else:
-                returns, success, episode_traj = run_episodes(eval_env, defender, adv_idx=adv_idx,
-                                                              last_action=last_action, **{"seed": args.seed, **options})
+                returns, success, episode_traj, task = run_episodes(eval_env, defender, adv_idx=adv_idx,
+                                                                    last_action=last_action,
+                                                                    **{"seed": args.seed, **options})
                 traj = episode_traj if name == "worstcase" else traj
             eval_env.close()
-            conditions[name] = {**summarise(returns, success), **about}
+            conditions[name] = {**summarise(returns, success), **about, **({"task": task} if task else {})}
             print(f"evaluated {name} ({i}/{len(plan)})", flush=True)
     except KeyboardInterrupt as e:
         stopped = int(e.args[0] if e.args else signal.SIGINT)
@@ -705,6 +726,14 @@ if __name__ == "__main__":
         print(f"{name:<22}{c['return_mean']:>10.3f}{c['return_ci95']:>11.3f}{c['success_rate']:>10.3f}{c['episodes']:>10}")
         for key in ("return_mean", "return_ci95", "success_rate"):
             writer.add_scalar(f"report/{name}/{key}", c[key], global_step)
+    measured = {name: c["task"] for name, c in conditions.items() if "task" in c}
+    if measured:  # what the attack does to the drones the team still flies
+        print(f"\n{'defenders':<22}{'own return':>11}{'final dist':>11}{'< radius':>10}{'on floor':>10}{'collisions':>11}")
+        for name, t in measured.items():
+            print(f"{name:<22}{t['defender_return']:>11.3f}{t['final_dist']:>11.3f}{t['within_radius']:>10.3f}"
+                  f"{t['on_floor']:>10.3f}{t['collisions']:>11.2f}")
+            for key, value in t.items():
+                writer.add_scalar(f"report/{name}/task/{key}", value, global_step)
     report = {"checkpoint": args.checkpoint, "script": script, "env_id": env_id, "env_kwargs": env_kwargs,
               "adversaries": adv_idx, "partial": stopped is not None,
               "obs_noise_scale": spread.scale().tolist() if spread is not None and spread.n else None,

@@ -455,32 +455,48 @@ def bootstrap_ci(stat, samples: list, reps: int = BOOTSTRAP_REPS, seed: int = 0)
     return [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]
 
 
-def run_scores(result: dict, adversary_sets: list) -> dict:
-    """One run's score (mean evaluation return) per condition; attack sets outside the spec are ignored."""
+def run_conditions(result: dict, adversary_sets: list) -> dict:
+    """One run's evaluated conditions by score name: each name maps to the report entries it averages (one per
+    adversary set of that size for the adversary-dependent conditions, renamed ``<name>_k<k>``; for ``strongest_k<k>``
+    the most damaging adversary per set, trained or scripted). Attack sets outside the spec are ignored."""
     wanted = [sorted(a) for a in adversary_sets]
     attacks = [a for a in result["attacks"] if sorted(a["adversaries"]) in wanted]
     if not attacks:
         return {}
+
     def per_adversary(name):  # conditions that depend on who the adversaries are
         return name in ("random", "worstcase") or name.startswith("scripted_")
 
-    def strongest(c):  # the most damaging adversary found on these agents: trained or scripted
-        return min(c[n]["return_mean"] for n in c if n == "worstcase" or n.startswith("scripted_"))
+    def strongest(c):
+        return min((c[n] for n in c if n == "worstcase" or n.startswith("scripted_")), key=lambda e: e["return_mean"])
 
-    scores = {name: c["return_mean"] for name, c in attacks[0]["report"]["conditions"].items() if not per_adversary(name)}
+    found = {name: [c] for name, c in attacks[0]["report"]["conditions"].items() if not per_adversary(name)}
     for k in sorted({len(a["adversaries"]) for a in attacks}):
         group = [a["report"]["conditions"] for a in attacks if len(a["adversaries"]) == k]
         for name in [n for n in group[0] if per_adversary(n)]:
-            scores[f"{name}_k{k}"] = float(np.mean([c[name]["return_mean"] for c in group if name in c]))
+            found[f"{name}_k{k}"] = [c[name] for c in group if name in c]
         if any(n.startswith("scripted_") for n in group[0]):
-            scores[f"strongest_k{k}"] = float(np.mean([strongest(c) for c in group]))
-    return scores
+            found[f"strongest_k{k}"] = [strongest(c) for c in group]
+    return found
+
+
+def run_scores(result: dict, adversary_sets: list) -> dict:
+    """One run's score (mean evaluation return) per condition."""
+    return {name: float(np.mean([c["return_mean"] for c in entries]))
+            for name, entries in run_conditions(result, adversary_sets).items()}
+
+
+def run_task_measures(result: dict, adversary_sets: list) -> dict:
+    """One run's task measures (quadrotors: the defenders' own return, distance to the goal, ...) per condition that
+    has them, averaged like the scores."""
+    return {name: {m: float(np.mean([c["task"][m] for c in entries])) for m in entries[0]["task"]}
+            for name, entries in run_conditions(result, adversary_sets).items() if all("task" in c for c in entries)}
 
 
 def aggregate(spec: dict) -> dict:
     """Scores of every finished run and the statistics across them."""
     folder = os.path.join("results", spec["name"])
-    scores, seeds, evals, cost, stale = {}, {}, {}, {"train_s": 0.0, "attack_s": 0.0}, []
+    scores, task, seeds, evals, cost, stale = {}, {}, {}, {}, {"train_s": 0.0, "attack_s": 0.0}, []
     for method, seed in units(spec):
         path = result_path(spec, method, seed)
         state = result_state(spec, method, seed)
@@ -493,6 +509,9 @@ def aggregate(spec: dict) -> dict:
         s = run_scores(result, spec["attack"]["adversaries"])
         for cond, value in s.items():
             scores.setdefault(method, {}).setdefault(cond, []).append(value)
+        for cond, values in run_task_measures(result, spec["attack"]["adversaries"]).items():
+            for m, value in values.items():
+                task.setdefault(method, {}).setdefault(cond, {}).setdefault(m, []).append(value)
         seeds.setdefault(method, []).append(seed)
         evals.setdefault(method, []).append(result["train"].get("evals") or [])
         cost["train_s"] += result["train"]["wall_s"]
@@ -525,7 +544,9 @@ def aggregate(spec: dict) -> dict:
             table[method][cond] = entry
     return {"experiment": spec["name"], "baseline": base, "seeds": seeds, "conditions": conditions,
             "cost_s": {k: round(v) for k, v in cost.items()}, "bootstrap_reps": BOOTSTRAP_REPS, "stale_skipped": stale,
-            "methods": table, "curves": {m: learning_curve(runs) for m, runs in evals.items()}, "folder": folder}
+            "methods": table, "curves": {m: learning_curve(runs) for m, runs in evals.items()}, "folder": folder,
+            "task_measures": {m: {c: {k: float(mean(v)) for k, v in t.items()} for c, t in per.items()}
+                              for m, per in task.items()}}
 
 
 def learning_curve(runs: list) -> dict:
@@ -572,6 +593,19 @@ def markdown(summary: dict) -> str:
             d = summary["methods"][m].get(cond, {}).get("drop")
             row.append(f"{d['p_smaller']:.2f}" if d and "p_smaller" in d else "–")
         lines.append("| " + " | ".join(row) + " |")
+    task = summary.get("task_measures", {})
+    if task:
+        lines += ["", "The defenders (the agents the team's policy controls: not adversaries, not disabled), mean over runs: "
+                  "their own return / mean distance to the goal at the end / share within the success radius / share "
+                  "on the floor; collisions per episode (all agents):", "",
+                  "| condition | " + " | ".join(task) + " |", "|" + "---|" * (1 + len(task))]
+        for cond in summary["conditions"]:
+            row = [cond]
+            for t in task.values():
+                e = t.get(cond)
+                row.append(f"{e['defender_return']:.2f} / {e['final_dist']:.2f} m / {e['within_radius']:.0%} / "
+                           f"{e['on_floor']:.0%}; {e['collisions']:.2f}" if e else "–")
+            lines.append("| " + " | ".join(row) + " |")
     curves = {m: c for m, c in summary.get("curves", {}).items() if c["steps"]}
     if curves:
         lines += ["", "Training: greedy evaluation return and success rate during training (mean over runs, [min, max]):",

@@ -422,3 +422,51 @@ def test_env_shift_default_is_the_envs_own(tmp_path, quads_defender):
         "--report", tmp_path / "r.json")
     c = json.load(open(tmp_path / "r.json"))["conditions"]
     assert c["env_shift"]["env_shift"] == envs.env_shift_kwargs("quads-same-goal")
+
+
+# --- quadrotor task measures --------------------------------------------------------------------
+
+class InfoSpy(StepSpy):
+    """Wraps an env: keeps the info of every step."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.infos = []
+
+    def step(self, actions):
+        out = self.env.step(actions)
+        self.infos.append(out[-1])
+        return out
+
+
+class MotorsOff:
+    """A quadrotor defender whose drones cut their motors (they fall to the floor)."""
+
+    def init_hidden(self, num_envs):
+        return None
+
+    def act(self, obs, avail, hidden):
+        return torch.full((*obs.shape[:2], 4), -1.0), hidden
+
+
+def test_quads_task_measures_are_the_defenders_own():
+    """The measures count the drones the team's policy flies: here they fall to the floor, while the hovering
+    adversary (drone 0) mostly stays in the air (open-loop hover drifts); under Dis-1 the disabled drones are left out."""
+    env = InfoSpy(envs.make("quads-same-goal", num_envs=4, seed=3, n_agents=3, episode_limit=200))
+    returns, _, _, task = aw.run_episodes(env, MotorsOff(), aw.ScriptedAdversary("stop", [0]), [0], seed=1)
+    last = env.infos[-1]
+    assert task["on_floor"] == 1.0 and last["on_floor"][:, 0].float().mean() < 0.5  # drone 0 hovers (mostly)
+    assert task["final_dist"] == pytest.approx(last["dist"][:, 1:].mean().item(), rel=1e-6)
+    assert task["within_radius"] == pytest.approx((last["dist"][:, 1:] < 0.5).float().mean().item())
+    own = torch.stack([i["agent_rewards"] for i in env.infos]).sum(0)  # [E, N]
+    assert task["defender_return"] == pytest.approx(own[:, 1:].mean().item(), rel=1e-5)
+    assert returns.mean().item() == pytest.approx(own.mean().item(), rel=1e-5)  # the team's: all drones
+    assert task["collisions"] == pytest.approx(torch.stack([i["n_collisions"] for i in env.infos]).sum(0).float().mean()
+                                               .item())
+    env.infos.clear()
+    _, _, _, dis = aw.run_episodes(env, MotorsOff(), disable_k=1, seed=1)  # the disabled drone gets the hover command
+    disabled = torch.rand(4, 3, generator=torch.Generator().manual_seed(1)).argsort(1).argsort(1) < 1  # run_episodes' draw
+    final = torch.stack([i["dist"] for i in env.infos])[-1]
+    assert dis["final_dist"] == pytest.approx(final[~disabled].mean().item(), rel=1e-6)
+    assert dis["final_dist"] != pytest.approx(final.mean().item(), rel=1e-3)
+    assert aw.run_episodes(FakeEnv(), Recorder())[3] == {}  # envs without these infos: no measures

@@ -151,6 +151,34 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
     assert json.load(open("results/tiny/summary.json"))["methods"]["mir3"]["dis_1"]["runs"] == [-10.0, -11.0]
 
 
+def test_task_measures_are_chosen_and_averaged_like_the_scores(tmp_path, monkeypatch):
+    """Quadrotor reports carry the defenders' task measures per condition: the aggregate picks, per adversary set,
+    the same entry as the score (the strongest adversary by return) and averages over sets, then over runs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = robustness.load_spec("tiny.toml")
+    os.makedirs("results/tiny")
+    for m, s, nat, worst in [("plain", 1, -10.0, [-20.0, -22.0, -30.0]), ("plain", 2, -12.0, [-24.0, -26.0, -40.0]),
+                             ("mir3", 1, -8.0, [-10.0, -12.0, -20.0])]:
+        result = fake_result(spec, m, s, nat, worst)
+        for a in result["attacks"]:
+            for name, c in a["report"]["conditions"].items():
+                if name != "dis_1":  # a condition without measures (IBAL's attack on LBF has none) stays out
+                    c["task"] = {"defender_return": c["return_mean"] / 2, "final_dist": -c["return_mean"] / 10,
+                                 "within_radius": 0.5, "on_floor": 0.25, "collisions": 1.0}
+        with open(f"results/tiny/{m}__{s}.json", "w") as f:
+            json.dump(result, f)
+    task = robustness.aggregate(spec)["task_measures"]
+    # plain strongest_k1: seed 1 (-20 [0], -24 [1]: scripted on [1]) -> dists 2.0, 2.4; seed 2: 2.4, 2.8
+    assert task["plain"]["strongest_k1"]["final_dist"] == pytest.approx((2.2 + 2.6) / 2)
+    assert task["plain"]["natural"]["defender_return"] == pytest.approx(-5.5)
+    assert "dis_1" not in task["plain"] and task["mir3"]["worstcase_k2"]["final_dist"] == pytest.approx(2.0)
+    assert robustness.cmd_aggregate(spec, make_plot=False) == 0
+    md = open("results/tiny/summary.md").read()
+    assert "| natural | -5.50 / 1.10 m / 50% / 25%; 1.00 | -4.00 / 0.80 m / 50% / 25%; 1.00 |" in md
+    assert "| dis_1 | – | – |" in md
+
+
 # --- plan, run, resume, Slurm on real (tiny) runs ----------------------------------------------
 def test_plan_run_resume(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
