@@ -661,7 +661,7 @@ if __name__ == "__main__":
             if args.eval_interval and (global_step - last_eval >= args.eval_interval or update == num_updates):
                 last_eval = global_step
                 returns, success, *_ = run_episodes(make_eval_env(), defender, actor, adv_idx,
-                                                   seed=args.seed, last_action=last_action)
+                                                    seed=args.seed, last_action=last_action)
                 writer.add_scalar("eval/episodic_return", returns.mean().item(), global_step)
                 writer.add_scalar("eval/success_rate", success.float().mean().item(), global_step)
                 print(f"global_step={global_step} eval_team_return={returns.mean().item():.2f} "
