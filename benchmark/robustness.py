@@ -521,6 +521,20 @@ def aggregate(spec: dict) -> dict:
     first = ["natural"] + [c for prefix in ("strongest_k", "worstcase_k", "scripted_", "random_k") for c in sorted(found)
                            if c.startswith(prefix)]
     conditions = [c for c in first if c in found] + [c for c in found if c not in first]
+    task_means = {m: {c: {k: float(mean(v)) for k, v in t.items()} for c, t in per.items()} for m, per in task.items()}
+    # the defenders' own return where the env measures it (quads): the team return also counts the adversaries' own
+    # reward, so an adversary that crashes itself lowers it without touching the team
+    defended = {m: {c: t["defender_return"] for c, t in per.items() if "defender_return" in t} for m, per in task.items()}
+    return {"experiment": spec["name"], "baseline": base, "seeds": seeds, "conditions": conditions,
+            "cost_s": {k: round(v) for k, v in cost.items()}, "bootstrap_reps": BOOTSTRAP_REPS, "stale_skipped": stale,
+            "methods": statistics(scores, conditions, base), "curves": {m: learning_curve(runs) for m, runs in evals.items()},
+            "folder": folder, "task_measures": task_means,
+            **({"defenders": statistics(defended, conditions, base)} if any(defended.values()) else {})}
+
+
+def statistics(scores: dict, conditions: list, base: str) -> dict:
+    """Per method and condition: the runs' scores, mean and IQM with bootstrap intervals, the drop from the natural
+    score, and P(method > base) (and P(smaller drop)) with intervals."""
     table = {}
     for method, per_cond in scores.items():
         table[method] = {}
@@ -542,11 +556,7 @@ def aggregate(spec: dict) -> dict:
                     # a smaller drop is better: P(drop_X < drop_Y)
                     entry["drop"]["p_smaller"] = float(prob_improvement(-np.asarray(drop), -np.asarray(y_drop)))
             table[method][cond] = entry
-    return {"experiment": spec["name"], "baseline": base, "seeds": seeds, "conditions": conditions,
-            "cost_s": {k: round(v) for k, v in cost.items()}, "bootstrap_reps": BOOTSTRAP_REPS, "stale_skipped": stale,
-            "methods": table, "curves": {m: learning_curve(runs) for m, runs in evals.items()}, "folder": folder,
-            "task_measures": {m: {c: {k: float(mean(v)) for k, v in t.items()} for c, t in per.items()}
-                              for m, per in task.items()}}
+    return table
 
 
 def learning_curve(runs: list) -> dict:
@@ -561,24 +571,31 @@ def learning_curve(runs: list) -> dict:
     return curve
 
 
-def markdown(summary: dict) -> str:
-    base, methods = summary["baseline"], list(summary["methods"])
-    head = "| condition | " + " | ".join(f"{m} (n={len(summary['seeds'][m])})" for m in methods)
+def score_table(table: dict, summary: dict) -> list:
+    """Markdown rows: per condition each method's mean (IQM [interval]) and P(method > baseline) [interval]."""
+    base, methods = summary["baseline"], list(table)
     others = [m for m in methods if m != base]
-    head += "".join(f" | P({m} > {base})" for m in others) + " |"
-    lines = [head, "|" + "---|" * (1 + len(methods) + len(others))]
+    head = "| condition | " + " | ".join(f"{m} (n={len(summary['seeds'][m])})" for m in methods)
+    lines = [head + "".join(f" | P({m} > {base})" for m in others) + " |", "|" + "---|" * (1 + len(methods) + len(others))]
 
     def cell(e):
         lo, hi = e["iqm_ci95"]
         return f"{e['mean']:.2f} (IQM {e['iqm']:.2f} [{lo:.2f}, {hi:.2f}])"
 
     for cond in summary["conditions"]:
-        row = [cond] + [cell(summary["methods"][m][cond]) if cond in summary["methods"][m] else "–" for m in methods]
+        row = [cond] + [cell(table[m][cond]) if cond in table[m] else "–" for m in methods]
         for m in others:
-            e = summary["methods"][m].get(cond)
+            e = table[m].get(cond)
             row.append(f"{e['p_improvement']:.2f} [{e['p_improvement_ci95'][0]:.2f}, {e['p_improvement_ci95'][1]:.2f}]"
                        if e and "p_improvement" in e else "–")
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown(summary: dict) -> str:
+    base, methods = summary["baseline"], list(summary["methods"])
+    others = [m for m in methods if m != base]
+    lines = score_table(summary["methods"], summary)
     lines += ["", "Drop from the natural return (mean over runs, 95% bootstrap interval; smaller is more robust):", "",
               "| condition | " + " | ".join(methods) + "".join(f" | P(drop {m} < drop {base})" for m in others) + " |",
               "|" + "---|" * (1 + len(methods) + len(others))]
@@ -593,6 +610,9 @@ def markdown(summary: dict) -> str:
             d = summary["methods"][m].get(cond, {}).get("drop")
             row.append(f"{d['p_smaller']:.2f}" if d and "p_smaller" in d else "–")
         lines.append("| " + " | ".join(row) + " |")
+    if "defenders" in summary:
+        lines += ["", "The defenders' own return (the mean over the agents the team's policy controls: not adversaries, "
+                  "not disabled), mean over runs:", ""] + score_table(summary["defenders"], summary)
     task = summary.get("task_measures", {})
     if task:
         lines += ["", "The defenders (the agents the team's policy controls: not adversaries, not disabled), mean over runs: "

@@ -168,13 +168,19 @@ def test_task_measures_are_chosen_and_averaged_like_the_scores(tmp_path, monkeyp
                                  "within_radius": 0.5, "on_floor": 0.25, "collisions": 1.0}
         with open(f"results/tiny/{m}__{s}.json", "w") as f:
             json.dump(result, f)
-    task = robustness.aggregate(spec)["task_measures"]
+    summary = robustness.aggregate(spec)
+    task = summary["task_measures"]
     # plain strongest_k1: seed 1 (-20 [0], -24 [1]: scripted on [1]) -> dists 2.0, 2.4; seed 2: 2.4, 2.8
     assert task["plain"]["strongest_k1"]["final_dist"] == pytest.approx((2.2 + 2.6) / 2)
     assert task["plain"]["natural"]["defender_return"] == pytest.approx(-5.5)
     assert "dis_1" not in task["plain"] and task["mir3"]["worstcase_k2"]["final_dist"] == pytest.approx(2.0)
+    # the defenders' own return gets the statistics of the scores
+    defenders = summary["defenders"]
+    assert defenders["plain"]["strongest_k1"]["runs"] == pytest.approx([-11.0, -13.0])
+    assert defenders["mir3"]["natural"]["p_improvement"] == 1.0 and "dis_1" not in defenders["mir3"]
     assert robustness.cmd_aggregate(spec, make_plot=False) == 0
     md = open("results/tiny/summary.md").read()
+    assert "The defenders' own return" in md and "| strongest_k1 | -12.00 (IQM -12.00 [-13.00, -11.00])" in md
     assert "| natural | -5.50 / 1.10 m / 50% / 25%; 1.00 | -4.00 / 0.80 m / 50% / 25%; 1.00 |" in md
     assert "| dis_1 | – | – |" in md
 
