@@ -260,8 +260,8 @@ def run_episodes(env, defender, adversary=None, adv_idx=(), obs_noise=0.0, noise
     if disable_k:  # k distinct random agents per env (those whose random rank is below k), fixed for the episode
         disabled = (torch.rand(E, N, generator=g).argsort(1).argsort(1) < disable_k).to(dev)
         defending &= ~disabled
-    own_return, final_dist, on_floor = torch.zeros(E, N, device=dev), torch.zeros(E, N, device=dev), None
-    collisions = torch.zeros(E, device=dev)
+    own_return, final_dist = torch.zeros(E, N, device=dev), torch.zeros(E, N, device=dev)
+    on_floor, collisions, measured = torch.zeros(E, N, dtype=torch.bool, device=dev), torch.zeros(E, device=dev), False
     prev, traj = None, []
     while bool(running.any()):
         if record and hasattr(env, "pos") and bool(running[0]):
@@ -294,10 +294,11 @@ def run_episodes(env, defender, adversary=None, adv_idx=(), obs_noise=0.0, noise
             own_return += info["agent_rewards"] * running.unsqueeze(-1)
             collisions += info["n_collisions"] * running
             final_dist = torch.where(done.unsqueeze(-1), info["dist"], final_dist)
-            on_floor = torch.where(done.unsqueeze(-1), info["on_floor"], False if on_floor is None else on_floor)
+            on_floor = torch.where(done.unsqueeze(-1), info["on_floor"], on_floor)
+            measured = True
         running &= ~done
     task = {}
-    if on_floor is not None:
+    if measured:
         task = {"defender_return": own_return[defending].mean().item(), "final_dist": final_dist[defending].mean().item(),
                 "within_radius": (final_dist < SUCCESS_RADIUS)[defending].float().mean().item(),
                 "on_floor": on_floor[defending].float().mean().item(), "collisions": collisions.mean().item()}
