@@ -687,19 +687,23 @@ def plot(summary: dict, folder: str) -> None:
     plt.close(fig)
 
 
-def cmd_aggregate(spec: dict, make_plot: bool = True) -> int:
+def cmd_aggregate(spec: dict, make_plot: bool = True, write: bool = True) -> int:
+    """Aggregate the finished runs, print the tables and, with ``write``, save them as the experiment's summary."""
     summary = aggregate(spec)
     if not summary["methods"]:
         raise SpecError(f"no finished runs under results/{spec['name']}/ yet")
+    text = markdown(summary)
+    print(text)
+    if not write:  # a subset of the seeds (e.g. those a selection rule uses) is not the experiment's summary
+        print(f"seeds {', '.join(map(str, spec['seeds']))} only: nothing written")
+        return 0
     folder = summary["folder"]
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    text = markdown(summary)
     with open(os.path.join(folder, "summary.md"), "w") as f:
         f.write(text)
     if make_plot:
         plot(summary, folder)
-    print(text)
     for path in summary["stale_skipped"]:
         print(f"skipped {path}: made with other commands than the experiment's now (run the experiment to redo it)")
     print(f"cost: {summary['cost_s']['train_s'] / 60:.1f} min training, {summary['cost_s']['attack_s'] / 60:.1f} min "
@@ -757,6 +761,8 @@ def main(argv=None) -> int:
             p.add_argument("--hours", type=float, default=2.0, help="time limit per array task")
         if name == "aggregate":
             p.add_argument("--no-plot", action="store_true")
+            p.add_argument("--seeds", nargs="+", type=int, default=None,
+                           help="only these seeds: print the tables, write nothing")
     args = parser.parse_args(argv)
     try:
         spec = load_spec(args.experiment)
@@ -775,6 +781,12 @@ def main(argv=None) -> int:
                 raise SpecError("--cpus must be >= 1 and --hours in (0, 1000)")
             print(slurm_script(spec, args.experiment, args.cpus, args.hours), end="")
             return 0
+        if args.seeds is not None:
+            unknown = sorted(set(args.seeds) - set(spec["seeds"]))
+            if unknown:
+                raise SpecError(f"unknown seeds {unknown}; the experiment has {', '.join(map(str, spec['seeds']))}")
+            spec = {**spec, "seeds": [s for s in spec["seeds"] if s in args.seeds]}
+            return cmd_aggregate(spec, make_plot=False, write=False)
         return cmd_aggregate(spec, not args.no_plot)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)

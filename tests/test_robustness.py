@@ -151,6 +151,26 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
     assert json.load(open("results/tiny/summary.json"))["methods"]["mir3"]["dis_1"]["runs"] == [-10.0, -11.0]
 
 
+def test_aggregate_of_some_seeds_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`aggregate --seeds` (how a selection rule on some seeds is recomputed) uses only those runs and leaves the
+    experiment's summary alone."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = robustness.load_spec("tiny.toml")
+    os.makedirs("results/tiny")
+    for m, s, nat in [("plain", 1, -10.0), ("plain", 2, -12.0), ("mir3", 1, -8.0), ("mir3", 2, -9.0)]:
+        with open(f"results/tiny/{m}__{s}.json", "w") as f:
+            json.dump(fake_result(spec, m, s, nat, [-20.0, -22.0, -30.0]), f)
+    assert robustness.main(["aggregate", "tiny.toml", "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| natural | -12.00 (IQM -12.00 [-12.00, -12.00]) | -9.00" in out and "plain (n=1)" in out
+    assert "nothing written" in out and not any(f.startswith("summary") for f in os.listdir("results/tiny"))
+    assert robustness.main(["aggregate", "tiny.toml", "--seeds", "2", "7"]) == 2
+    assert "unknown seeds [7]" in capsys.readouterr().err
+    assert robustness.main(["aggregate", "tiny.toml", "--no-plot"]) == 0  # all seeds: the summary is written
+    assert "plain (n=2)" in open("results/tiny/summary.md").read()
+
+
 def test_task_measures_are_chosen_and_averaged_like_the_scores(tmp_path, monkeypatch):
     """Quadrotor reports carry the defenders' task measures per condition: the aggregate picks, per adversary set,
     the same entry as the score (the strongest adversary by return) and averages over sets, then over runs."""
