@@ -744,6 +744,13 @@ def slurm_script(spec: dict, spec_path: str, cpus: int, hours: float) -> str:
             f"python benchmark/robustness.py run {shlex.quote(rel)} --index $SLURM_ARRAY_TASK_ID --workers 1\n")
 
 
+def check_seeds(spec: dict, seeds) -> None:
+    """Refuse seeds the experiment does not have (they would select nothing, silently)."""
+    unknown = sorted(set(seeds or []) - set(spec["seeds"]))
+    if unknown:
+        raise SpecError(f"unknown seeds {unknown}; the experiment has {', '.join(map(str, spec['seeds']))}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -774,6 +781,7 @@ def main(argv=None) -> int:
             unknown = set(args.methods or []) - set(spec["methods"])
             if unknown:
                 raise SpecError(f"unknown methods {sorted(unknown)}; the experiment has {', '.join(spec['methods'])}")
+            check_seeds(spec, args.seeds)
             signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM acts like Ctrl-C
             return cmd_run(spec, args.workers, args.index, args.methods, args.seeds, args.train_only)
         if args.command == "slurm":
@@ -782,9 +790,7 @@ def main(argv=None) -> int:
             print(slurm_script(spec, args.experiment, args.cpus, args.hours), end="")
             return 0
         if args.seeds is not None:
-            unknown = sorted(set(args.seeds) - set(spec["seeds"]))
-            if unknown:
-                raise SpecError(f"unknown seeds {unknown}; the experiment has {', '.join(map(str, spec['seeds']))}")
+            check_seeds(spec, args.seeds)
             spec = {**spec, "seeds": [s for s in spec["seeds"] if s in args.seeds]}
             return cmd_aggregate(spec, make_plot=False, write=False)
         return cmd_aggregate(spec, not args.no_plot)

@@ -370,3 +370,14 @@ def test_run_refuses_bad_index(tmp_path):
     (tmp_path / "tiny.toml").write_text(TINY)
     proc = runner(tmp_path, "run", "tiny.toml", "--index", "4")
     assert proc.returncode == 2 and "--index must be in [0, 3]" in proc.stderr
+
+
+def test_run_refuses_unknown_methods_and_seeds(tmp_path, monkeypatch, capsys):
+    """A method or seed the experiment lacks would select no unit and end 'successfully' having run nothing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    assert robustness.main(["run", "tiny.toml", "--seeds", "1", "9"]) == 2
+    assert capsys.readouterr().err == "error: unknown seeds [9]; the experiment has 1, 2\n"
+    assert robustness.main(["run", "tiny.toml", "--methods", "plain", "nope"]) == 2
+    assert "unknown methods ['nope']" in capsys.readouterr().err
+    assert not os.path.exists("runs") and not os.path.exists("results")
