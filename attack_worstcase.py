@@ -1,5 +1,7 @@
 # Worst-case adversary against a frozen cooperative team (k agents handed to a PPO adversary that maximises the negated
 # team reward), plus non-adversarial disturbances: the robustness protocol of MIR3 (Li et al., TNNLS 2025; README).
+# With --adversary-objective defenders it maximises the negated reward of the other agents only (envs with per-agent
+# rewards): the team reward also counts the adversaries' own, which an adversary can lower by hurting only itself.
 #   python attack_worstcase.py --checkpoint runs/<run>/mir3_maddpg.pt --adversaries 0 --total-timesteps 200000
 #   python attack_worstcase.py --checkpoint <ckpt> --obs-noise 0.1 --action-repeat 0.3 --disable 1 --env-shift default
 #   python attack_worstcase.py --adversary-checkpoint runs/<attack run>/attack_worstcase.pt   # re-evaluate
@@ -38,6 +40,7 @@ from runtime import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KNOWN_SCRIPTS = ("mir3_maddpg", "mir3_qmix", "mir3_mappo", "ibal_qmix")
+OBJECTIVES = ("team", "defenders")
 QMIX_SCRIPTS = ("mir3_qmix", "ibal_qmix")  # IBAL's interaction-breaking attack (ibal_qmix.py) needs a QMIX defender
 OBS_NOISE_RULE = ("sigma x per-dimension std of the defender's observations over the natural episodes "
                   "(all agents, steps, episodes); dims with a std below 1e-6 of the largest get no noise")
@@ -67,6 +70,9 @@ class Args:
     """pick this many adversary agents at random (seeded) instead of --adversaries"""
     adversary_checkpoint: Optional[str] = None
     """skip training and evaluate this saved adversary (a .pt written by this script)"""
+    adversary_objective: Optional[str] = None
+    """what the adversary minimises: team (the team reward) or defenders (the other agents' mean reward; envs with
+    per-agent rewards). Default: team, or what the adversary checkpoint was trained for"""
 
     # PPO adversary
     total_timesteps: int = 200_000
@@ -161,7 +167,7 @@ class AdversaryActor(nn.Module):
 
 
 class Value(nn.Module):
-    """Centralised value V(s) of the adversary's return (the negated team return)."""
+    """Centralised value V(s) of the adversary's return (the negated team or defenders' return)."""
 
     def __init__(self, state_dim: int, hidden_dim: int):
         super().__init__()
@@ -363,6 +369,8 @@ def check_args(args: Args) -> None:
         fail(f"--exp-name must be 1-100 characters without '/' or '..' (it names files under runs/), got {args.exp_name!r}")
     if args.adversaries is not None and args.num_adversaries is not None:
         fail("give either --adversaries or --num-adversaries, not both")
+    if args.adversary_objective not in (None, *OBJECTIVES):
+        fail(f"--adversary-objective must be one of {', '.join(OBJECTIVES)}, got {args.adversary_objective!r}")
     minimum = {**dict.fromkeys(("num_envs", "num_steps", "num_minibatches", "update_epochs", "hidden_dim"), 1),
                "eval_episodes": 2, "total_timesteps": 0, "eval_interval": 0}  # a confidence interval needs 2 episodes
     for name, low in minimum.items():
@@ -456,7 +464,9 @@ def check_setting(args: Args, ckpt: dict, env_id: str, found: dict, adv_ckpt: Op
     """Before any work, check against the env (``found``: its signature) the checkpoint, --scripted kinds, --env-shift
     (whose env options it returns, None without it: the shifted env must give the team the same agents, inputs and
     actions), writable outputs, and the adversary agents, which it returns sorted: the adversary checkpoint's,
-    --num-adversaries random ones (seeded), --adversaries, or agent 0. At least one agent stays a defender."""
+    --num-adversaries random ones (seeded), --adversaries, or agent 0. At least one agent stays a defender. Also returns
+    the adversary's objective (the adversary checkpoint's, or --adversary-objective, or team); "defenders" needs the
+    env's per-agent rewards (``info["agent_rewards"]``), which one step of an evaluation env shows."""
     for key, value in found.items():
         if ckpt[key] != value:
             fail(f"env {env_id!r} does not match the checkpoint (trained on {ckpt['env_id']!r}): "
@@ -503,7 +513,20 @@ def check_setting(args: Args, ckpt: dict, env_id: str, found: dict, adv_ckpt: Op
         fail(f"at least one agent must remain a defender: {len(adv_idx)} adversaries for {N} agents")
     if any(not 1 <= k < N for k in args.disable):
         fail(f"--disable k must be in [1, {N - 1}] for {N} agents, got {list(args.disable)}")
-    return shift, sorted(adv_idx)
+    objective = args.adversary_objective or "team"
+    if adv_ckpt is not None:
+        trained_for = adv_ckpt.get("adversary_objective", "team")  # adversaries saved before the option: team
+        if args.adversary_objective not in (None, trained_for):
+            fail(f"--adversary-objective {args.adversary_objective} differs from the adversary checkpoint's {trained_for}")
+        objective = trained_for
+    if objective == "defenders":
+        probe = make_eval_env()
+        _, _, avail = probe.reset()
+        info = probe.step(nothing_actions(probe, avail, probe.num_envs))[-1]
+        probe.close()
+        if "agent_rewards" not in info:
+            fail(f"--adversary-objective defenders needs per-agent rewards, which {env_id!r} does not report")
+    return shift, sorted(adv_idx), objective
 
 
 if __name__ == "__main__":
@@ -534,8 +557,9 @@ if __name__ == "__main__":
                          **{**env_kwargs, **(options or {})})
 
     found = signature(env)
-    shift, adv_idx = check_setting(args, ckpt, env_id, found, adv_ckpt, make_eval_env)
+    shift, adv_idx, objective = check_setting(args, ckpt, env_id, found, adv_ckpt, make_eval_env)
     N, discrete, k_adv = env.n_agents, env.is_discrete, len(adv_idx)
+    defenders = torch.as_tensor([i for i in range(N) if i not in adv_idx], device=device)
 
     # ALGO LOGIC: initialize agent here (with --adversary-checkpoint: its width and weights)
     try:
@@ -550,13 +574,15 @@ if __name__ == "__main__":
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n%s" % "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     print(f"{run_name}: attacking {script} on {env_id} ({N} agents, "
-          f"{'Discrete' if discrete else 'Box'}({env.n_actions})), adversaries {adv_idx}, device {device}", flush=True)
+          f"{'Discrete' if discrete else 'Box'}({env.n_actions})), adversaries {adv_idx} "
+          f"(objective: {objective}), device {device}", flush=True)
 
     def save() -> str:
         return save_checkpoint(f"runs/{run_name}/{args.exp_name}.pt", {
             "script": "attack_worstcase", "checkpoint": os.path.abspath(args.checkpoint), "defender_script": script,
-            "env_id": env_id, "env_kwargs": env_kwargs, **found, "adversaries": adv_idx, "args": asdict(args),
-            "global_step": global_step, "models": {"actor": actor.state_dict(), "value": value.state_dict()}})
+            "env_id": env_id, "env_kwargs": env_kwargs, **found, "adversaries": adv_idx, "adversary_objective": objective,
+            "args": asdict(args), "global_step": global_step,
+            "models": {"actor": actor.state_dict(), "value": value.state_dict()}})
 
     def whereabouts() -> str:
         if adv_ckpt is not None:
@@ -598,7 +624,8 @@ if __name__ == "__main__":
                         hidden = last_action(hidden, actions, env.n_actions)
                     obs, state, avail, reward, terminated, truncated, info = env.step(actions)
                     done = terminated | truncated
-                    r = -reward  # the adversary maximises the negated team reward
+                    # the adversary maximises the negated team reward, or the negated mean reward of the defenders
+                    r = -info["agent_rewards"][:, defenders].mean(-1) if objective == "defenders" else -reward
                     if bool(truncated.any()):  # time limit: bootstrap from the final state
                         r = r + args.gamma * value(info["final_state"]) * truncated
                     b_r[t], b_done[t] = r, done.float()
@@ -736,7 +763,7 @@ if __name__ == "__main__":
             for key, value in t.items():
                 writer.add_scalar(f"report/{name}/task/{key}", value, global_step)
     report = {"checkpoint": args.checkpoint, "script": script, "env_id": env_id, "env_kwargs": env_kwargs,
-              "adversaries": adv_idx, "partial": stopped is not None,
+              "adversaries": adv_idx, "adversary_objective": objective, "partial": stopped is not None,
               "obs_noise_scale": spread.scale().tolist() if spread is not None and spread.n else None,
               "conditions": conditions}
     report_path = args.report or f"runs/{run_name}/report.json"

@@ -458,7 +458,8 @@ def bootstrap_ci(stat, samples: list, reps: int = BOOTSTRAP_REPS, seed: int = 0)
 def run_conditions(result: dict, adversary_sets: list) -> dict:
     """One run's evaluated conditions by score name: each name maps to the report entries it averages (one per
     adversary set of that size for the adversary-dependent conditions, renamed ``<name>_k<k>``; for ``strongest_k<k>``
-    the most damaging adversary per set, trained or scripted). Attack sets outside the spec are ignored."""
+    the most damaging adversary per set, trained or scripted, judged by the trained adversary's objective: the team
+    return, or with ``--adversary-objective defenders`` the defenders' own). Attack sets outside the spec are ignored."""
     wanted = [sorted(a) for a in adversary_sets]
     attacks = [a for a in result["attacks"] if sorted(a["adversaries"]) in wanted]
     if not attacks:
@@ -467,16 +468,19 @@ def run_conditions(result: dict, adversary_sets: list) -> dict:
     def per_adversary(name):  # conditions that depend on who the adversaries are
         return name in ("random", "worstcase") or name.startswith("scripted_")
 
-    def strongest(c):
-        return min((c[n] for n in c if n == "worstcase" or n.startswith("scripted_")), key=lambda e: e["return_mean"])
+    def strongest(report):  # by what the trained adversary minimised: the team return, or the defenders' own
+        by_defenders = report.get("adversary_objective", "team") == "defenders"
+        c = report["conditions"]
+        return min((c[n] for n in c if n == "worstcase" or n.startswith("scripted_")),
+                   key=lambda e: e["task"]["defender_return"] if by_defenders else e["return_mean"])
 
     found = {name: [c] for name, c in attacks[0]["report"]["conditions"].items() if not per_adversary(name)}
     for k in sorted({len(a["adversaries"]) for a in attacks}):
-        group = [a["report"]["conditions"] for a in attacks if len(a["adversaries"]) == k]
-        for name in [n for n in group[0] if per_adversary(n)]:
-            found[f"{name}_k{k}"] = [c[name] for c in group if name in c]
-        if any(n.startswith("scripted_") for n in group[0]):
-            found[f"strongest_k{k}"] = [strongest(c) for c in group]
+        reports = [a["report"] for a in attacks if len(a["adversaries"]) == k]
+        for name in [n for n in reports[0]["conditions"] if per_adversary(n)]:
+            found[f"{name}_k{k}"] = [r["conditions"][name] for r in reports if name in r["conditions"]]
+        if any(n.startswith("scripted_") for n in reports[0]["conditions"]):
+            found[f"strongest_k{k}"] = [strongest(r) for r in reports]
     return found
 
 

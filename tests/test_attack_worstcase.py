@@ -1,6 +1,6 @@
 """attack_worstcase.py: the trained adversary beats a random one, every script's checkpoints,
 report schema and intervals, re-evaluation from the adversary checkpoint, plots, env shift and
---env-kwargs, relative observation noise, QMIX's executed last action, bad input."""
+--env-kwargs, relative observation noise, QMIX's executed last action, the adversary's objective, bad input."""
 
 import glob
 import json
@@ -227,8 +227,10 @@ def bad_files(tmp_path, small_defender):
     (["--checkpoint", "GOOD", "--adversaries", "3"], "adversary indices must be distinct agents in [0, 2]"),
     (["--checkpoint", "GOOD", "--num-adversaries", "3"], "--num-adversaries must be in [1, 2]"),
     (["--checkpoint", "GOOD", "--scripted", "dance"], "--scripted 'dance': choose from stop"),
+    (["--checkpoint", "GOOD", "--adversary-objective", "self"], "--adversary-objective must be one of team, defenders"),
+    (["--checkpoint", "GOOD", "--adversary-objective", "defenders"], "needs per-agent rewards, which 'rendezvous' does"),
 ], ids=["missing", "corrupt", "not-a-dict", "unknown-script", "script-os", "env-mismatch", "adversary-index",
-        "num-adversaries", "scripted-kind"])
+        "num-adversaries", "scripted-kind", "objective-name", "objective-without-agent-rewards"])
 def test_bad_input_exits_with_one_clear_line(bad_files, small_defender, args, message):
     # in this process (seconds saved per case); test_known_script_that_is_not_present refuses in a real subprocess
     proc = run_in_process("attack_worstcase", bad_files, *[small_defender if a == "GOOD" else a for a in args],
@@ -470,3 +472,31 @@ def test_quads_task_measures_are_the_defenders_own():
     assert dis["final_dist"] == pytest.approx(final[~disabled].mean().item(), rel=1e-6)
     assert dis["final_dist"] != pytest.approx(final.mean().item(), rel=1e-3)
     assert aw.run_episodes(FakeEnv(), Recorder())[3] == {}  # envs without these infos: no measures
+
+
+# --- the adversary's objective ----------------------------------------------------------------------
+
+PAYOFF = os.path.join(ROOT, "tests", "payoff_game.py")  # runs a script with the env "payoff" registered
+PAYOFF_ATTACK = [os.path.join(ROOT, "attack_worstcase.py"), "--total-timesteps", "2048", "--num-envs", "16",
+                 "--num-steps", "16", "--eval-interval", "0", "--eval-episodes", "4", "--hidden-dim", "16"]
+
+
+def test_defenders_objective_spares_the_adversarys_own_reward(tmp_path):
+    """The known answers of tests/payoff_game.py: minimising the team reward, the adversary on agent 0 takes the action
+    that costs itself 2 and gives agent 1 0.5 (team return -7.5); minimising agent 1's reward, the one that costs agent
+    1 0.5 (team return -2.5). A re-evaluation keeps the objective the adversary was trained for and refuses another."""
+    run(PAYOFF, tmp_path, os.path.join(ROOT, "mir3_mappo.py"), "--env-id", "payoff", *TINY_TRAIN["mir3_mappo"])
+    defender = only(tmp_path / "runs" / "*" / "mir3_mappo.pt")
+    for objective, expected in [("team", -7.5), ("defenders", -2.5)]:
+        run(PAYOFF, tmp_path / objective, *PAYOFF_ATTACK, "--checkpoint", defender, "--adversary-objective", objective,
+            "--report", tmp_path / f"{objective}.json")
+        report = json.load(open(tmp_path / f"{objective}.json"))
+        assert report["adversary_objective"] == objective
+        assert report["conditions"]["worstcase"]["return_mean"] == pytest.approx(expected, abs=1e-5), objective
+    adversary = only(tmp_path / "defenders" / "runs" / "*" / "attack_worstcase.pt")
+    run(PAYOFF, tmp_path, *PAYOFF_ATTACK, "--adversary-checkpoint", adversary, "--report", tmp_path / "again.json")
+    again = json.load(open(tmp_path / "again.json"))
+    assert again["adversary_objective"] == "defenders" and again["conditions"]["worstcase"]["return_mean"] == -2.5
+    proc = run(PAYOFF, tmp_path, *PAYOFF_ATTACK, "--adversary-checkpoint", adversary, "--adversary-objective", "team",
+               check=False)
+    assert proc.returncode == 2 and "differs from the adversary checkpoint's defenders" in proc.stderr, proc.stderr

@@ -171,6 +171,20 @@ def test_aggregate_of_some_seeds_prints_and_writes_nothing(tmp_path, monkeypatch
     assert "plain (n=2)" in open("results/tiny/summary.md").read()
 
 
+def test_strongest_follows_the_adversarys_objective():
+    """With --adversary-objective defenders the strongest adversary per set is the one that hurts the defenders most,
+    even where another lowers the team return more (by hurting itself); with the team objective, the team return."""
+    def report(objective):
+        conds = {"natural": {"return_mean": -1.0, "task": {"defender_return": -1.0}},
+                 "worstcase": {"return_mean": -3.0, "task": {"defender_return": -4.0}},  # hurts the defenders
+                 "scripted_stop": {"return_mean": -5.0, "task": {"defender_return": -1.5}}}  # mostly hurts itself
+        return {"adversaries": [0], "report": {"conditions": conds, **({"adversary_objective": objective}
+                                                                        if objective else {})}}
+    for objective, chosen in [(None, "scripted_stop"), ("team", "scripted_stop"), ("defenders", "worstcase")]:
+        found = robustness.run_conditions({"attacks": [report(objective)]}, [[0]])
+        assert found["strongest_k1"] == [report(objective)["report"]["conditions"][chosen]], objective
+
+
 def test_task_measures_are_chosen_and_averaged_like_the_scores(tmp_path, monkeypatch):
     """Quadrotor reports carry the defenders' task measures per condition: the aggregate picks, per adversary set,
     the same entry as the score (the strongest adversary by return) and averages over sets, then over runs."""
