@@ -170,9 +170,12 @@ def without(words: list, flags: tuple) -> list:
 
 
 def borrow(spec: dict, method: str, seed: int):
-    """A finished unit of another experiment that ran exactly this training and these attacks, or None."""
+    """A finished unit of another experiment that ran exactly this training: (its result's path, its training with
+    the checkpoint, its attacks by key), or None. One that also ran every attack of this experiment comes first;
+    otherwise its checkpoint must still be on disk, for the attacks it lacks."""
     want_train = key(train_command(spec, method, seed))
     want_attacks = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
+    partial = None
     for path in sorted(glob.glob(os.path.join("results", "*", "*__*.json"))):
         if os.path.dirname(path) == os.path.dirname(result_path(spec, method, seed)):
             continue
@@ -182,11 +185,16 @@ def borrow(spec: dict, method: str, seed: int):
             if other["train"].get("key") != want_train:
                 continue
             by_key = {a.get("key"): a for a in other["attacks"]}
+            # results written before the training's checkpoint was recorded have it in their attack reports
+            checkpoint = other["train"].get("checkpoint") or other["attacks"][0]["report"]["checkpoint"]
+            found = path, {**other["train"], "checkpoint": checkpoint}, by_key
             if all(k in by_key for k in want_attacks):
-                return path, other["train"], [by_key[k] for k in want_attacks]
-        except (OSError, ValueError, KeyError, TypeError):
+                return found
+            if partial is None and os.path.isfile(checkpoint):
+                partial = found
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             continue
-    return None
+    return partial
 
 
 def quote(cmd: list) -> str:
@@ -313,11 +321,12 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
         say(f"[{method} seed {seed}] {out} was made with other commands than the experiment's now: redoing what changed")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     found = borrow(spec, method, seed)
-    if found:  # e.g. the λ = 0 runs of a λ sweep are the baseline runs of the main experiment
-        source, train, attacks = found
+    want = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
+    if found and all(k in found[2] for k in want):  # e.g. the λ = 0 runs of a λ sweep are the main experiment's baseline
+        source, train, by_key = found
         write_json(out, {"experiment": spec["name"], "method": method, "seed": seed, "borrowed_from": source,
                          "script": spec["methods"][method]["script"], "flags": spec["methods"][method]["flags"],
-                         "train": train, "attacks": attacks})
+                         "train": train, "attacks": [by_key[k] for k in want]})
         say(f"[{method} seed {seed}] the same runs are in {source}: copied to {out}")
         return True
     work = unit_dir(spec, method, seed)
@@ -326,11 +335,14 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     train_cmd = train_command(spec, method, seed)
     log = os.path.join(work, "train.log")
     done = parse_training_log(open(log).read()) if ran(log, train_cmd) else {"checkpoint": None}
-    meta_path = os.path.join(work, "train.json")
+    meta_path, train_source = os.path.join(work, "train.json"), None
     if done["checkpoint"] and os.path.isfile(done["checkpoint"]) and os.path.isfile(meta_path):
         with open(meta_path) as f:
             train = json.load(f)
         say(f"[{method} seed {seed}] training reused: {done['checkpoint']}")
+    elif found:  # another experiment trained exactly this (e.g. the same teams under another attack)
+        train_source, train = found[:2]
+        say(f"[{method} seed {seed}] training borrowed from {train_source}: {train['checkpoint']}")
     else:
         before, earlier_s = unfinished_training(log, train_cmd)
         resume_from = last_checkpoint(before, f"{spec['name']}-{method}") if before else None
@@ -357,6 +369,10 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     for i, adversaries in enumerate(spec["attack"]["adversaries"]):
         report = os.path.join(work, f"attack_{adv_tag(adversaries)}.json")
         cmd = attack_command(spec, train["checkpoint"], seed, adversaries, i == 0, report)
+        if found and key(cmd) in found[2]:
+            say(f"[{method} seed {seed}] attack {adversaries} borrowed from {found[0]}")
+            attacks.append(found[2][key(cmd)])
+            continue
         if os.path.isfile(report) and os.path.isfile(report + ".wall") and ran(os.path.splitext(report)[0] + ".log", cmd):
             say(f"[{method} seed {seed}] attack {adversaries} reused")
             seconds = float(open(report + ".wall").read())
@@ -374,8 +390,10 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
 
     evals = train["evals"]
     result = {"experiment": spec["name"], "method": method, "seed": seed,
+              **({"train_borrowed_from": train_source} if train_source else {}),
               "script": spec["methods"][method]["script"], "flags": spec["methods"][method]["flags"],
-              "train": {"command": train["command"], "key": key(train_cmd), "wall_s": train["wall_s"],
+              "train": {"command": train["command"], "key": key(train_cmd), "checkpoint": train["checkpoint"],
+                        "wall_s": train["wall_s"],
                         "final_step": evals[-1][0] if evals else None,
                         "final_eval_return": evals[-1][1] if evals else None,
                         "final_eval_success": evals[-1][2] if evals else None, "evals": evals,

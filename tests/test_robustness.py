@@ -266,16 +266,36 @@ def test_plan_run_resume(tmp_path):
     borrowed = json.load(open(tmp_path / "results" / "sweep" / "lam1e-4__1.json"))
     assert borrowed["method"] == "lam1e-4" and [a["adversaries"] for a in borrowed["attacks"]] == [[0]]
     assert borrowed["attacks"][0]["report"] == result["attacks"][0]["report"]
-    # a different attack budget is a different computation: nothing to borrow
+    # a different attack budget is a different computation: only the training can be borrowed
     (tmp_path / "sweep.toml").write_text(other.replace('"--total-timesteps", "128"', '"--total-timesteps", "64"'))
     spec = robustness.load_spec(str(tmp_path / "sweep.toml"))
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
+        source, _, attacks = robustness.borrow(spec, "lam1e-4", 1)
+        assert source == "results/tiny/mir3__1.json"
+        assert robustness.key(robustness.attack_command(spec, "", 1, [0], True, "")) not in attacks
+        spec["methods"]["lam1e-4"]["flags"][1] = "2e-4"  # another training: nothing
         assert robustness.borrow(spec, "lam1e-4", 1) is None
-        assert robustness.borrow(robustness.load_spec("tiny.toml"), "mir3", 1) is None  # never from itself
+        # never from itself: from sweep's copy of its training and attack [0]
+        assert robustness.borrow(robustness.load_spec("tiny.toml"), "mir3", 1)[0] == "results/sweep/lam1e-4__1.json"
     finally:
         os.chdir(cwd)
+    # the same training with one of those attacks and a new one (e.g. another adversary objective): the training
+    # and that attack are borrowed (from the first result that has them: sweep's copy), the new one runs against the
+    # borrowed checkpoint
+    (tmp_path / "more.toml").write_text(other.replace('name = "sweep"', 'name = "more"')
+                                        .replace("adversaries = [[0]]", "adversaries = [[0], [2]]"))
+    proc = runner(tmp_path, "run", "more.toml", "--methods", "lam1e-4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "training borrowed from results/sweep/lam1e-4__1.json" in proc.stdout and "train:" not in proc.stdout
+    assert "attack [0] borrowed from results/sweep/lam1e-4__1.json" in proc.stdout
+    assert "attack [2]: python" in proc.stdout and "attack [0]: python" not in proc.stdout
+    more = json.load(open(tmp_path / "results" / "more" / "lam1e-4__1.json"))
+    assert more["train_borrowed_from"] == "results/sweep/lam1e-4__1.json"
+    assert more["train"]["checkpoint"] == result["train"]["checkpoint"] == more["attacks"][1]["report"]["checkpoint"]
+    assert more["attacks"][0]["report"] == result["attacks"][0]["report"]
+    assert runner(tmp_path, "plan", "more.toml").stdout.count("(done)") == 1
 
     # the experiment's attack changed after the unit ran: the training is reused, every attack is redone
     (tmp_path / "tiny.toml").write_text(TINY.replace('"--eval-episodes", "3"', '"--eval-episodes", "4"'))
