@@ -67,9 +67,10 @@ def test_trained_adversary_hurts_more_than_random(attacked):
 
 def test_report_schema_and_outputs(attacked):
     cwd, defender, report, stdout = attacked
-    assert set(report) == {"checkpoint", "script", "env_id", "env_kwargs", "adversaries", "partial",
-                           "obs_noise_scale", "conditions"}
+    assert set(report) == {"checkpoint", "script", "env_id", "env_kwargs", "adversaries", "adversary_objective",
+                           "partial", "obs_noise_scale", "conditions"}
     assert report["checkpoint"] == defender and report["script"] == "mir3_maddpg"
+    assert report["adversary_objective"] == "team"  # the paper's protocol, by default
     assert report["env_id"] == "rendezvous" and report["adversaries"] == [0] and report["partial"] is False
     assert report["env_kwargs"] == {"n_agents": 4, "episode_limit": 50}
     assert list(report["conditions"]) == ["natural", "random", "worstcase", *DISTURBANCES]
@@ -96,7 +97,7 @@ def test_report_schema_and_outputs(attacked):
     run_dir = os.path.dirname(only(cwd / "runs" / "*attack_worstcase*" / "report.json"))
     assert glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     adv = torch.load(os.path.join(run_dir, "attack_worstcase.pt"), weights_only=True)
-    assert adv["script"] == "attack_worstcase" and adv["adversaries"] == [0]
+    assert adv["script"] == "attack_worstcase" and adv["adversaries"] == [0] and adv["adversary_objective"] == "team"
     assert adv["checkpoint"] == os.path.abspath(defender) and set(adv["models"]) == {"actor", "value"}
 
 
