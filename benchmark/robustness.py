@@ -149,6 +149,11 @@ def attack_command(spec: dict, checkpoint: str, seed: int, adversaries: list, fi
             "--exp-name", f"{spec['name']}-attack", "--report", report]
 
 
+def attack_keys(spec: dict, seed: int) -> list:
+    """The keys of the experiment's attacks on one seed's checkpoint, in the order of its adversary sets."""
+    return [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
+
+
 def key(cmd: list) -> str:
     """What a command computes: the command without the names and paths of its outputs and input checkpoint, and
     without how often it saves (saving draws no random numbers)."""
@@ -174,7 +179,7 @@ def borrow(spec: dict, method: str, seed: int):
     the checkpoint, its attacks by key), or None. One that also ran every attack of this experiment comes first;
     otherwise its checkpoint must still be on disk, for the attacks it lacks."""
     want_train = key(train_command(spec, method, seed))
-    want_attacks = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
+    want_attacks = attack_keys(spec, seed)
     partial = None
     for path in sorted(glob.glob(os.path.join("results", "*", "*__*.json"))):
         if os.path.dirname(path) == os.path.dirname(result_path(spec, method, seed)):
@@ -304,7 +309,7 @@ def result_state(spec: dict, method: str, seed: int) -> str:
         return "missing"
     with open(path) as f:
         result = json.load(f)
-    attacks = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
+    attacks = attack_keys(spec, seed)
     current = result["train"].get("key") == key(train_command(spec, method, seed)) \
         and set(attacks) <= {a.get("key") for a in result["attacks"]}
     return "done" if current else "stale"
@@ -320,13 +325,12 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     if state == "stale":
         say(f"[{method} seed {seed}] {out} was made with other commands than the experiment's now: redoing what changed")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    found = borrow(spec, method, seed)
-    want = [key(attack_command(spec, "", seed, a, i == 0, "")) for i, a in enumerate(spec["attack"]["adversaries"])]
-    if found and all(k in found[2] for k in want):  # e.g. the λ = 0 runs of a λ sweep are the main experiment's baseline
-        source, train, by_key = found
+    source, borrowed_train, borrowed_attacks = borrow(spec, method, seed) or (None, None, {})
+    want = attack_keys(spec, seed)
+    if source and all(k in borrowed_attacks for k in want):  # e.g. a λ sweep's λ = 0 runs are the main baseline's
         write_json(out, {"experiment": spec["name"], "method": method, "seed": seed, "borrowed_from": source,
                          "script": spec["methods"][method]["script"], "flags": spec["methods"][method]["flags"],
-                         "train": train, "attacks": [by_key[k] for k in want]})
+                         "train": borrowed_train, "attacks": [borrowed_attacks[k] for k in want]})
         say(f"[{method} seed {seed}] the same runs are in {source}: copied to {out}")
         return True
     work = unit_dir(spec, method, seed)
@@ -340,8 +344,8 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
         with open(meta_path) as f:
             train = json.load(f)
         say(f"[{method} seed {seed}] training reused: {done['checkpoint']}")
-    elif found:  # another experiment trained exactly this (e.g. the same teams under another attack)
-        train_source, train = found[:2]
+    elif source:  # another experiment trained exactly this (e.g. the same teams under another attack)
+        train_source, train = source, borrowed_train
         say(f"[{method} seed {seed}] training borrowed from {train_source}: {train['checkpoint']}")
     else:
         before, earlier_s = unfinished_training(log, train_cmd)
@@ -369,9 +373,9 @@ def run_unit(spec: dict, method: str, seed: int, threads: int, say=print, train_
     for i, adversaries in enumerate(spec["attack"]["adversaries"]):
         report = os.path.join(work, f"attack_{adv_tag(adversaries)}.json")
         cmd = attack_command(spec, train["checkpoint"], seed, adversaries, i == 0, report)
-        if found and key(cmd) in found[2]:
-            say(f"[{method} seed {seed}] attack {adversaries} borrowed from {found[0]}")
-            attacks.append(found[2][key(cmd)])
+        if key(cmd) in borrowed_attacks:
+            say(f"[{method} seed {seed}] attack {adversaries} borrowed from {source}")
+            attacks.append(borrowed_attacks[key(cmd)])
             continue
         if os.path.isfile(report) and os.path.isfile(report + ".wall") and ran(os.path.splitext(report)[0] + ".log", cmd):
             say(f"[{method} seed {seed}] attack {adversaries} reused")
