@@ -45,10 +45,10 @@ from runtime import (
 DEFAULT_MI_COEF = {"quads-same-goal": 1e-4, "quads-swarm-vs-swarm": 1e-4, "rendezvous": 0.01}
 FALLBACK_MI_COEF = 5e-4
 MI_ESTIMATORS = ("club", "club-sample", "l1out", "vub")
-# env options when --n-agents / --episode-limit are not given: a small swarm and 4 s episodes for the motor-control
-# quads (README, `mir3_mappo.py` section)
+# env options when --n-agents / --episode-limit are not given: a small swarm and short episodes for the motor-control
+# quads (README, `mir3_mappo.py` section); 8 s on swarm-vs-swarm holds the teams' one swap of centres (at 4-6 s)
 DEFAULT_ENV_KWARGS = {"quads-same-goal": {"n_agents": 2, "episode_limit": 400},
-                      "quads-swarm-vs-swarm": {"n_agents": 4, "episode_limit": 400}}
+                      "quads-swarm-vs-swarm": {"n_agents": 4, "episode_limit": 800}}
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import envs
 import helpers
 from envs.rendezvous import scripted_actions
-from mir3_mappo import RunningNorm, load_policy, stop_on_signals
+from mir3_mappo import DEFAULT_ENV_KWARGS, RunningNorm, load_policy, stop_on_signals
 from test_mi_penalty import run_on_context
 
 TINY = ["--total-timesteps", "128", "--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2",
@@ -271,6 +271,19 @@ def test_learns_rendezvous(tmp_path):
         reference[name] = total.mean().item()
     score = (evals[-1] - reference["random"]) / (reference["scripted"] - reference["random"])
     assert len(evals) == 2 and score > 0.5, (evals, reference)
+
+
+def test_default_swarm_episode_holds_one_swap():
+    """The default quads-swarm-vs-swarm episode lasts past the teams' swap of centres (every 4-6 s), with time left to
+    reach the new formation; at the former 4 s the episode ended before any swap and the teams never crossed."""
+    kwargs = DEFAULT_ENV_KWARGS["quads-swarm-vs-swarm"]
+    env = envs.make("quads-swarm-vs-swarm", num_envs=64, seed=0, **kwargs)
+    env.reset()
+    for _ in range(env.episode_limit - 1):  # the last step would start the next episode
+        *_, truncated, _ = env.step(torch.zeros(64, env.n_agents, 4))
+    assert not truncated.any() and env.side.all()  # every env has swapped once ...
+    assert (kwargs["episode_limit"] - env.switch_steps >= 200).all()  # ... at least 2 s (200 steps) before the end
+    assert (2 * env.switch_steps >= kwargs["episode_limit"]).all()  # and only once
 
 
 def test_quads_eval_report(tmp_path):
