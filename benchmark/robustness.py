@@ -31,7 +31,8 @@ the baseline the probability of improvement P(X > Y) (the Mann-Whitney statistic
 with a bootstrap interval that resamples both methods' runs independently; the same for the drop
 from the natural return. These are rliable's definitions (Agarwal et al., NeurIPS 2021) for one task.
 It writes ``summary.json``, ``summary.md`` (the tables README shows), ``summary.png`` and ``curves.png``
-(the training runs' evaluations).
+(the training runs' evaluations). ``aggregate --seeds 1 2`` or ``--runs mir3:1 mappo:2`` prints the
+tables of some runs only (those a selection rule keeps) and writes nothing.
 """
 
 import argparse
@@ -519,11 +520,14 @@ def run_task_measures(result: dict, adversary_sets: list) -> dict:
             for name, entries in run_conditions(result, adversary_sets).items() if all("task" in c for c in entries)}
 
 
-def aggregate(spec: dict) -> dict:
-    """Scores of every finished run and the statistics across them."""
+def aggregate(spec: dict, only=None) -> dict:
+    """Scores of every finished run (or of the ``only`` (method, seed) pairs) and the statistics across them."""
     folder = os.path.join("results", spec["name"])
     scores, task, seeds, evals, cost, stale = {}, {}, {}, {}, {"train_s": 0.0, "attack_s": 0.0}, []
-    for method, seed in units(spec):
+    order = list(spec["methods"])
+    for method, seed in sorted(units(spec), key=lambda u: order.index(u[0])):  # tables list methods as the spec does
+        if only is not None and (method, seed) not in only:
+            continue
         path = result_path(spec, method, seed)
         state = result_state(spec, method, seed)
         if state == "stale":  # made by other commands than the spec's: not part of this experiment
@@ -713,15 +717,16 @@ def plot(summary: dict, folder: str) -> None:
     plt.close(fig)
 
 
-def cmd_aggregate(spec: dict, make_plot: bool = True, write: bool = True) -> int:
+def cmd_aggregate(spec: dict, make_plot: bool = True, write: bool = True, only=None) -> int:
     """Aggregate the finished runs, print the tables and, with ``write``, save them as the experiment's summary."""
-    summary = aggregate(spec)
+    summary = aggregate(spec, only)
     if not summary["methods"]:
         raise SpecError(f"no finished runs under results/{spec['name']}/ yet")
     text = markdown(summary)
     print(text)
-    if not write:  # a subset of the seeds (e.g. those a selection rule uses) is not the experiment's summary
-        print(f"seeds {', '.join(map(str, spec['seeds']))} only: nothing written")
+    if not write:  # a subset of the runs (e.g. those a selection rule keeps) is not the experiment's summary
+        picked = sorted(f"{m}:{s}" for m, s in only) if only is not None else spec["seeds"]
+        print(f"{'runs' if only is not None else 'seeds'} {', '.join(map(str, picked))} only: nothing written")
         return 0
     folder = summary["folder"]
     with open(os.path.join(folder, "summary.json"), "w") as f:
@@ -777,6 +782,18 @@ def check_seeds(spec: dict, seeds) -> None:
         raise SpecError(f"unknown seeds {unknown}; the experiment has {', '.join(map(str, spec['seeds']))}")
 
 
+def parse_runs(spec: dict, words: list) -> set:
+    """``METHOD:SEED`` words as (method, seed) pairs, each one the experiment has."""
+    pairs = set()
+    for word in words:
+        method, _, seed = word.rpartition(":")
+        if method not in spec["methods"] or not seed.isdigit() or int(seed) not in spec["seeds"]:
+            raise SpecError(f"--runs {word}: not METHOD:SEED of this experiment (methods {', '.join(spec['methods'])}; "
+                            f"seeds {', '.join(map(str, spec['seeds']))})")
+        pairs.add((method, int(seed)))
+    return pairs
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -796,6 +813,8 @@ def main(argv=None) -> int:
             p.add_argument("--no-plot", action="store_true")
             p.add_argument("--seeds", nargs="+", type=int, default=None,
                            help="only these seeds: print the tables, write nothing")
+            p.add_argument("--runs", nargs="+", default=None, metavar="METHOD:SEED",
+                           help="only these runs (e.g. the teams a selection rule keeps): print the tables, write nothing")
     args = parser.parse_args(argv)
     try:
         spec = load_spec(args.experiment)
@@ -815,6 +834,10 @@ def main(argv=None) -> int:
                 raise SpecError("--cpus must be >= 1 and --hours in (0, 1000)")
             print(slurm_script(spec, args.experiment, args.cpus, args.hours), end="")
             return 0
+        if args.runs is not None:
+            if args.seeds is not None:
+                raise SpecError("--runs and --seeds do not go together: name the runs")
+            return cmd_aggregate(spec, make_plot=False, write=False, only=parse_runs(spec, args.runs))
         if args.seeds is not None:
             check_seeds(spec, args.seeds)
             spec = {**spec, "seeds": [s for s in spec["seeds"] if s in args.seeds]}

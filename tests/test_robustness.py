@@ -171,6 +171,27 @@ def test_aggregate_of_some_seeds_prints_and_writes_nothing(tmp_path, monkeypatch
     assert "plain (n=2)" in open("results/tiny/summary.md").read()
 
 
+def test_aggregate_of_some_runs_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`aggregate --runs METHOD:SEED ...` (a selection rule that keeps different seeds per method) uses exactly those
+    runs, writes nothing, and refuses a run the experiment does not have."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.toml").write_text(TINY)
+    spec = robustness.load_spec("tiny.toml")
+    os.makedirs("results/tiny")
+    for m, s, nat in [("plain", 1, -10.0), ("plain", 2, -12.0), ("mir3", 1, -8.0), ("mir3", 2, -9.0)]:
+        with open(f"results/tiny/{m}__{s}.json", "w") as f:
+            json.dump(fake_result(spec, m, s, nat, [-20.0, -22.0, -30.0]), f)
+    assert robustness.main(["aggregate", "tiny.toml", "--runs", "plain:2", "mir3:1", "mir3:2"]) == 0
+    out = capsys.readouterr().out
+    assert "| natural | -12.00 (IQM -12.00 [-12.00, -12.00]) | -8.50" in out
+    assert "plain (n=1)" in out and "mir3 (n=2)" in out and "runs mir3:1, mir3:2, plain:2 only: nothing written" in out
+    assert not os.path.exists("results/tiny/summary.json")
+    for bad in (["plain:3"], ["ppo:1"], ["plain"], ["plain:x"]):
+        assert robustness.main(["aggregate", "tiny.toml", "--runs", *bad]) == 2
+        assert f"error: --runs {bad[0]}: not METHOD:SEED of this experiment" in capsys.readouterr().err
+    assert robustness.main(["aggregate", "tiny.toml", "--runs", "plain:1", "--seeds", "1"]) == 2
+
+
 def test_strongest_follows_the_adversarys_objective():
     """With --adversary-objective defenders the strongest adversary per set is the one that hurts the defenders most,
     even where another lowers the team return more (by hurting itself); with the team objective, the team return."""
