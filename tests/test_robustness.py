@@ -151,9 +151,9 @@ def test_aggregate_scores_and_tables(tmp_path, monkeypatch):
     assert json.load(open("results/tiny/summary.json"))["methods"]["mir3"]["dis_1"]["runs"] == [-10.0, -11.0]
 
 
-def test_aggregate_of_some_seeds_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    """`aggregate --seeds` (how a selection rule on some seeds is recomputed) uses only those runs and leaves the
-    experiment's summary alone."""
+@pytest.fixture
+def four_results(tmp_path, monkeypatch):
+    """The tiny experiment in tmp_path with all four runs finished (natural returns plain -10, -12; mir3 -8, -9)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny.toml").write_text(TINY)
     spec = robustness.load_spec("tiny.toml")
@@ -161,6 +161,11 @@ def test_aggregate_of_some_seeds_prints_and_writes_nothing(tmp_path, monkeypatch
     for m, s, nat in [("plain", 1, -10.0), ("plain", 2, -12.0), ("mir3", 1, -8.0), ("mir3", 2, -9.0)]:
         with open(f"results/tiny/{m}__{s}.json", "w") as f:
             json.dump(fake_result(spec, m, s, nat, [-20.0, -22.0, -30.0]), f)
+
+
+def test_aggregate_of_some_seeds_prints_and_writes_nothing(four_results, capsys):
+    """`aggregate --seeds` (how a selection rule on some seeds is recomputed) uses only those runs and leaves the
+    experiment's summary alone."""
     assert robustness.main(["aggregate", "tiny.toml", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "| natural | -12.00 (IQM -12.00 [-12.00, -12.00]) | -9.00" in out and "plain (n=1)" in out
@@ -171,16 +176,9 @@ def test_aggregate_of_some_seeds_prints_and_writes_nothing(tmp_path, monkeypatch
     assert "plain (n=2)" in open("results/tiny/summary.md").read()
 
 
-def test_aggregate_of_some_runs_prints_and_writes_nothing(tmp_path, monkeypatch, capsys):
+def test_aggregate_of_some_runs_prints_and_writes_nothing(four_results, capsys):
     """`aggregate --runs METHOD:SEED ...` (a selection rule that keeps different seeds per method) uses exactly those
     runs, writes nothing, and refuses a run the experiment does not have."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.toml").write_text(TINY)
-    spec = robustness.load_spec("tiny.toml")
-    os.makedirs("results/tiny")
-    for m, s, nat in [("plain", 1, -10.0), ("plain", 2, -12.0), ("mir3", 1, -8.0), ("mir3", 2, -9.0)]:
-        with open(f"results/tiny/{m}__{s}.json", "w") as f:
-            json.dump(fake_result(spec, m, s, nat, [-20.0, -22.0, -30.0]), f)
     assert robustness.main(["aggregate", "tiny.toml", "--runs", "plain:2", "mir3:1", "mir3:2"]) == 0
     out = capsys.readouterr().out
     assert "| natural | -12.00 (IQM -12.00 [-12.00, -12.00]) | -8.50" in out
