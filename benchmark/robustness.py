@@ -724,9 +724,15 @@ def cmd_aggregate(spec: dict, make_plot: bool = True, write: bool = True, only=N
         raise SpecError(f"no finished runs under results/{spec['name']}/ yet")
     text = markdown(summary)
     print(text)
-    if not write:  # a subset of the runs (e.g. those a selection rule keeps) is not the experiment's summary
-        picked = sorted(f"{m}:{s}" for m, s in only) if only is not None else spec["seeds"]
-        print(f"{'runs' if only is not None else 'seeds'} {', '.join(map(str, picked))} only: nothing written")
+    if only is not None:  # a subset of the runs (e.g. those a selection rule keeps) is not the experiment's summary
+        order = list(spec["methods"])
+        named = sorted(only, key=lambda u: (order.index(u[0]), u[1]))
+        unfinished = [f"{m}:{s}" for m, s in named if s not in summary["seeds"].get(m, [])]
+        print(f"runs {', '.join(f'{m}:{s}' for m, s in named)} only: nothing written"
+              + (f"; not finished, so left out: {', '.join(unfinished)}" if unfinished else ""))
+        return 0
+    if not write:  # likewise a subset of the seeds
+        print(f"seeds {', '.join(map(str, spec['seeds']))} only: nothing written")
         return 0
     folder = summary["folder"]
     with open(os.path.join(folder, "summary.json"), "w") as f:
@@ -787,7 +793,7 @@ def parse_runs(spec: dict, words: list) -> set:
     pairs = set()
     for word in words:
         method, _, seed = word.rpartition(":")
-        if method not in spec["methods"] or not seed.isdigit() or int(seed) not in spec["seeds"]:
+        if method not in spec["methods"] or not seed.isdecimal() or int(seed) not in spec["seeds"]:
             raise SpecError(f"--runs {word}: not METHOD:SEED of this experiment (methods {', '.join(spec['methods'])}; "
                             f"seeds {', '.join(map(str, spec['seeds']))})")
         pairs.add((method, int(seed)))
@@ -837,7 +843,7 @@ def main(argv=None) -> int:
         if args.runs is not None:
             if args.seeds is not None:
                 raise SpecError("--runs and --seeds do not go together: name the runs")
-            return cmd_aggregate(spec, make_plot=False, write=False, only=parse_runs(spec, args.runs))
+            return cmd_aggregate(spec, make_plot=False, only=parse_runs(spec, args.runs))
         if args.seeds is not None:
             check_seeds(spec, args.seeds)
             spec = {**spec, "seeds": [s for s in spec["seeds"] if s in args.seeds]}

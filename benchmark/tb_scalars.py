@@ -17,13 +17,24 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 
 def scalars(run: str, tags: list) -> dict:
-    """``tag -> [(step, value), ...]`` of one run folder (every event file in it, all points kept)."""
-    if not glob.glob(os.path.join(run, "events.out.tfevents.*")):
+    """``tag -> [(step, value), ...]`` of one run folder. A run continued with ``--resume`` has a second event file
+    that starts at its checkpoint's step: from there on its points replace those of the part that was cut off."""
+    files = glob.glob(os.path.join(run, "events.out.tfevents.*"))
+    if not files:
         raise FileNotFoundError(f"{run}: no TensorBoard event file")
-    acc = EventAccumulator(run, size_guidance={"scalars": 0})
-    acc.Reload()
-    have = acc.Tags()["scalars"]
-    return {t: sorted((e.step, e.value) for e in acc.Scalars(t)) if t in have else [] for t in tags}
+    parts = []
+    for path in files:
+        acc = EventAccumulator(path, size_guidance={"scalars": 0})
+        acc.Reload()
+        have = acc.Tags()["scalars"]
+        parts.append((acc.FirstEventTimestamp(), {t: sorted(((e.step, e.value) for e in acc.Scalars(t)),
+                                                            key=lambda p: p[0]) if t in have else [] for t in tags}))
+    merged = {t: [] for t in tags}
+    for _, part in sorted(parts, key=lambda p: p[0]):  # in the order they were written
+        for t, points in part.items():
+            if points:
+                merged[t] = [p for p in merged[t] if p[0] < points[0][0]] + points
+    return merged
 
 
 def value_at(points: list, step: float):

@@ -27,6 +27,23 @@ def test_values_at_steps_are_the_last_logged_before(tmp_path, capsys):
                        "| a_run | no/such_tag | - | - | - | - |"]
 
 
+def test_a_resumed_run_replaces_the_steps_it_redid(tmp_path):
+    """--resume appends a second event file starting at the checkpoint's step: from there its values count, the cut
+    off part's are dropped (here the first part ran on to step 300, the continuation restarted at 200)."""
+    run = tmp_path / "a_run"
+    first = SummaryWriter(str(run))
+    for step, value in [(100, 1.0), (200, 2.0), (300, 3.0)]:
+        first.add_scalar("losses/entropy", value, step)
+    first.close()
+    second = SummaryWriter(str(run))
+    for step, value in [(200, -2.0), (300, -3.0), (400, -4.0)]:
+        second.add_scalar("losses/entropy", value, step)
+    second.close()
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    points = tb_scalars.scalars(str(run), ["losses/entropy"])["losses/entropy"]
+    assert points == [(100, 1.0), (200, -2.0), (300, -3.0), (400, -4.0)]
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert tb_scalars.main([str(tmp_path), "--at", "10"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: no TensorBoard event file\n"
