@@ -717,22 +717,19 @@ def plot(summary: dict, folder: str) -> None:
     plt.close(fig)
 
 
-def cmd_aggregate(spec: dict, make_plot: bool = True, write: bool = True, only=None) -> int:
-    """Aggregate the finished runs, print the tables and, with ``write``, save them as the experiment's summary."""
+def cmd_aggregate(spec: dict, make_plot: bool = True, only=None) -> int:
+    """Aggregate the finished runs, print the tables and save them as the experiment's summary; of only some
+    (``only``, (method, seed) pairs), print the tables and write nothing."""
     summary = aggregate(spec, only)
     if not summary["methods"]:
         raise SpecError(f"no finished runs under results/{spec['name']}/ yet")
     text = markdown(summary)
     print(text)
     if only is not None:  # a subset of the runs (e.g. those a selection rule keeps) is not the experiment's summary
-        order = list(spec["methods"])
-        named = sorted(only, key=lambda u: (order.index(u[0]), u[1]))
+        named = sorted(only, key=lambda u: (list(spec["methods"]).index(u[0]), u[1]))
         unfinished = [f"{m}:{s}" for m, s in named if s not in summary["seeds"].get(m, [])]
         print(f"runs {', '.join(f'{m}:{s}' for m, s in named)} only: nothing written"
               + (f"; not finished, so left out: {', '.join(unfinished)}" if unfinished else ""))
-        return 0
-    if not write:  # likewise a subset of the seeds
-        print(f"seeds {', '.join(map(str, spec['seeds']))} only: nothing written")
         return 0
     folder = summary["folder"]
     with open(os.path.join(folder, "summary.json"), "w") as f:
@@ -846,8 +843,7 @@ def main(argv=None) -> int:
             return cmd_aggregate(spec, make_plot=False, only=parse_runs(spec, args.runs))
         if args.seeds is not None:
             check_seeds(spec, args.seeds)
-            spec = {**spec, "seeds": [s for s in spec["seeds"] if s in args.seeds]}
-            return cmd_aggregate(spec, make_plot=False, write=False)
+            return cmd_aggregate(spec, make_plot=False, only={(m, s) for m in spec["methods"] for s in args.seeds})
         return cmd_aggregate(spec, not args.no_plot)
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -169,7 +169,8 @@ def test_aggregate_of_some_seeds_prints_and_writes_nothing(four_results, capsys)
     assert robustness.main(["aggregate", "tiny.toml", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "| natural | -12.00 (IQM -12.00 [-12.00, -12.00]) | -9.00" in out and "plain (n=1)" in out
-    assert "nothing written" in out and not any(f.startswith("summary") for f in os.listdir("results/tiny"))
+    assert "runs plain:2, mir3:2 only: nothing written\n" in out
+    assert not any(f.startswith("summary") for f in os.listdir("results/tiny"))
     assert robustness.main(["aggregate", "tiny.toml", "--seeds", "2", "7"]) == 2
     assert "unknown seeds [7]" in capsys.readouterr().err
     assert robustness.main(["aggregate", "tiny.toml", "--no-plot"]) == 0  # all seeds: the summary is written
